@@ -1,0 +1,62 @@
+# Two commands for a newcomer: `make run` (the demo) and `make test` (everything).
+# Both create .venv themselves; `make test` also installs the system tools the tests
+# run for real (promtool and Prometheus, from Debian's packages).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Debian packages the tests need, as "command:package" pairs.
+TEST_TOOLS := promtool:prometheus prometheus:prometheus
+BENCH_TOOLS := nginx:nginx wrk:wrk taskset:util-linux
+
+.PHONY: run test lint typecheck unit tools bench soak clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV) || { apt-get update && apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.run-deps: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[fast]'
+	touch $@
+
+$(VENV)/.test-deps: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[fast,test]'
+	touch $@
+
+run: $(VENV)/.run-deps
+	$(BIN)/invoice-proxy demo
+
+# Install only what is missing: apt-get update once, then every missing package.
+define apt_missing
+	@missing=""; for pair in $(1); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+endef
+
+tools:
+	$(call apt_missing,$(TEST_TOOLS))
+
+lint: $(VENV)/.test-deps
+	$(BIN)/ruff check proxy tests bench
+	$(BIN)/ruff format --check proxy tests bench
+
+typecheck: $(VENV)/.test-deps
+	$(BIN)/mypy
+
+unit: $(VENV)/.test-deps tools
+	$(BIN)/pytest -q
+
+test: lint typecheck unit
+
+bench: $(VENV)/.test-deps
+	$(call apt_missing,$(BENCH_TOOLS))
+	$(BIN)/python -m bench.run
+
+soak: $(VENV)/.test-deps
+	$(BIN)/python -m bench.soak
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,95 @@
+"""Assembly: `init_app(config)` wires the service's objects together. It decides nothing.
+
+The API application is returned; the admin application (metrics, health, purge) is
+reachable as `app[ADMIN_APP]` and shares the same objects. Resources with a lifetime
+(the credential refresher, the upstream session, fetches under way) are opened and
+closed by the API application's cleanup contexts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from importlib import resources
+
+from aiohttp import web
+
+from .auth import Authenticator
+from .cache import InvoiceCache
+from .config import CallerConfig, Config, CredentialConfig
+from .credential import CredentialSource, CredentialStore, EnvSource, FileSource, running
+from .handlers import AdminHandlers, InvoiceHandler, observe
+from .metrics import Metrics
+from .upstream import Upstream
+
+CONFIG = web.AppKey("config", Config)
+METRICS = web.AppKey("metrics", Metrics)
+CREDENTIALS = web.AppKey("credentials", CredentialStore)
+CALLERS = web.AppKey("callers", Authenticator)
+CACHE = web.AppKey("cache", InvoiceCache)
+UPSTREAM = web.AppKey("upstream", Upstream)
+ADMIN_APP = web.AppKey("admin_app", web.Application)
+
+INVOICE_PATH = "/v1/organizations/{organization}/invoices/{id}"
+PURGE_PATH = "/cache/organizations/{organization}/invoices/{id}"
+
+
+def make_source(config: CredentialConfig) -> CredentialSource:
+    if config.source == "file":
+        return FileSource(config.file.path, config.file.poll_interval_s)
+    if config.source == "env":
+        return EnvSource(config.env.token_id_var, config.env.token_var)
+    from .vault import VaultSource  # only the vault source needs it
+
+    return VaultSource(config.vault)
+
+
+def init_app(
+    config: Config,
+    *,
+    source: CredentialSource | None = None,
+    metrics: Metrics | None = None,
+) -> web.Application:
+    """Build the API application (and its admin sibling) for `config`."""
+    metrics = metrics or Metrics()
+    credentials = CredentialStore(source or make_source(config.credential), metrics)
+    callers = Authenticator(config.callers)
+    metrics.init_callers(callers.names)
+    cache = InvoiceCache(config.cache, metrics)
+    upstream = Upstream(config.upstream, credentials, metrics)
+    invoices = InvoiceHandler(callers, cache, upstream)
+
+    api = web.Application(middlewares=[observe(metrics)], client_max_size=1024)
+    api[CONFIG] = config
+    api[METRICS] = metrics
+    api[CREDENTIALS] = credentials
+    api[CALLERS] = callers
+    api[CACHE] = cache
+    api[UPSTREAM] = upstream
+    api.router.add_get(INVOICE_PATH, invoices.get)
+    api.cleanup_ctx.append(_credentials_ctx)
+    api.cleanup_ctx.append(upstream.lifetime)
+    api.cleanup_ctx.append(_cache_ctx)
+
+    admins = Authenticator(
+        [CallerConfig("admin", config.admin.key_sha256, ("*",))] if config.admin.key_sha256 else []
+    )
+    openapi = resources.files("proxy").joinpath("openapi.yaml").read_bytes()
+    admin_handlers = AdminHandlers(metrics, credentials, cache, admins, openapi)
+    admin = web.Application(middlewares=[observe(None)], client_max_size=1024)
+    admin.router.add_get("/metrics", admin_handlers.metrics)
+    admin.router.add_get("/healthz", admin_handlers.healthz)
+    admin.router.add_get("/readyz", admin_handlers.readyz)
+    admin.router.add_get("/openapi.yaml", admin_handlers.openapi)
+    admin.router.add_delete(PURGE_PATH, admin_handlers.purge)
+    api[ADMIN_APP] = admin
+    return api
+
+
+async def _credentials_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with running(app[CREDENTIALS]):
+        yield
+
+
+async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[CACHE].close()

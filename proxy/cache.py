@@ -1,0 +1,196 @@
+"""The invoice cache: bytes-bounded LRU, freshness by content, coalescing, stale-if-error.
+
+An issued invoice never changes, so a final one stays until evicted or purged; one
+whose billing period is still open (or not yet paid) lives `open_period_ttl_s`. A
+404 is remembered briefly. Concurrent misses for one invoice share one fetch. The
+cache knows nothing of HTTP: it stores bodies and answers with `Entry` objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from functools import partial
+
+import cachetools
+
+from .config import CacheConfig
+from .errors import ProxyError
+from .metrics import Metrics
+from .upstream import Fetched
+
+Key = tuple[str, str]
+Fetcher = Callable[[str, str], Awaitable[Fetched]]
+
+# Memory an entry costs beyond its body and key strings: the Entry object, the bytes
+# and str headers, the key tuple, and the slots in the cache's dict, size map and LRU
+# order. Measured with tracemalloc over 100,000 entries (bench/cache_memory.py).
+ENTRY_OVERHEAD = 640
+# What a final invoice tells the caller's own cache: it does not change.
+FINAL_CACHE_CONTROL = "private, max-age=31536000, immutable"
+
+HIT, MISS, STALE = "hit", "miss", "stale"
+
+
+class Entry:
+    """One cached answer: a 200 body or a 404, with its validators and lifetimes."""
+
+    __slots__ = ("body", "cache_control", "etag", "fresh_until", "size", "stale_until", "status")
+
+    def __init__(
+        self, status: int, body: bytes, fresh_until: float, stale_until: float, key: Key
+    ) -> None:
+        self.status = status
+        self.body = body
+        # A strong validator: the same bytes always give the same tag, in every replica.
+        self.etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        self.fresh_until = fresh_until
+        self.stale_until = stale_until
+        # Final entries share one header string; open ones compute theirs per answer.
+        self.cache_control = FINAL_CACHE_CONTROL if fresh_until == math.inf else ""
+        self.size = len(body) + len(key[0]) + len(key[1]) + ENTRY_OVERHEAD
+
+    def cache_control_at(self, now: float) -> str:
+        if self.cache_control:
+            return self.cache_control
+        return f"private, max-age={max(0, int(self.fresh_until - now))}"
+
+
+class _Store(cachetools.LRUCache[Key, Entry]):
+    """An LRU bounded by the bytes its entries account for; counts evictions."""
+
+    def __init__(self, max_bytes: int, on_evict: Callable[[], None]) -> None:
+        super().__init__(maxsize=max_bytes, getsizeof=_entry_size)
+        self._on_evict = on_evict
+
+    def popitem(self) -> tuple[Key, Entry]:
+        item = super().popitem()
+        self._on_evict()
+        return item
+
+
+def _entry_size(entry: Entry) -> int:
+    return entry.size
+
+
+class InvoiceCache:
+    """Cached invoices by (organization, id), and the fetches under way for missing ones."""
+
+    def __init__(
+        self,
+        config: CacheConfig,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._metrics = metrics
+        self._clock = clock
+        self._store = _Store(config.max_bytes, metrics.cache_evictions.inc)
+        self._inflight: dict[Key, asyncio.Task[Entry]] = {}
+        self._hit = metrics.lookup_hit
+        self._miss = metrics.cache_lookups.labels(result=MISS)
+        self._coalesced = metrics.cache_lookups.labels(result="coalesced")
+        self._stale = metrics.cache_lookups.labels(result=STALE)
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    @property
+    def bytes(self) -> int:
+        return int(self._store.currsize)
+
+    def fresh(self, key: Key) -> Entry | None:
+        """The hot path: a fresh entry, or None. Counts the hit."""
+        entry = self._store.get(key)
+        if entry is not None and entry.fresh_until > self._clock():
+            self._hit.inc()
+            return entry
+        return None
+
+    async def load(self, organization: str, invoice_id: str, fetch: Fetcher) -> tuple[Entry, str]:
+        """After `fresh` missed: join or start the one fetch for this key.
+
+        A caller that is cancelled does not cancel the fetch for the others. When the
+        fetch fails and an expired entry is still within its stale window, that entry
+        is served instead (`stale`); otherwise every waiter gets the same error.
+        """
+        key = (organization, invoice_id)
+        task = self._inflight.get(key)
+        if task is None:
+            self._miss.inc()
+            task = asyncio.create_task(self._fetch(key, fetch), name="invoice-fetch")
+            self._inflight[key] = task
+            task.add_done_callback(partial(self._fetch_done, key))
+        else:
+            self._coalesced.inc()
+        try:
+            return await asyncio.shield(task), MISS
+        except ProxyError:
+            stale = self._stale_entry(key)
+            if stale is None:
+                raise
+            self._stale.inc()
+            return stale, STALE
+
+    async def _fetch(self, key: Key, fetch: Fetcher) -> Entry:
+        fetched = await fetch(*key)
+        now = self._clock()
+        if fetched.status == 200:
+            facts = fetched.facts
+            final = facts is not None and facts.is_final(datetime.fromtimestamp(now, UTC))
+            fresh_until = math.inf if final else now + self._config.open_period_ttl_s
+            stale_until = fresh_until + self._config.stale_if_error_s
+        else:
+            fresh_until = stale_until = now + self._config.not_found_ttl_s
+        entry = Entry(fetched.status, fetched.body, fresh_until, stale_until, key)
+        if stale_until > now:
+            self._put(key, entry)
+        elif self._store.pop(key, None) is not None:
+            self._update_gauges()  # an older answer must not outlive this one
+        return entry
+
+    def _fetch_done(self, key: Key, task: asyncio.Task[Entry]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            # Every waiter may have gone; the error must still count as retrieved.
+            task.exception()
+
+    def _put(self, key: Key, entry: Entry) -> None:
+        try:
+            self._store[key] = entry
+        except ValueError:
+            return  # larger than the whole cache: served, not kept
+        finally:
+            self._update_gauges()
+
+    def _stale_entry(self, key: Key) -> Entry | None:
+        entry = self._store.get(key)
+        if entry is None or entry.status != 200:
+            return None
+        if entry.stale_until <= self._clock():
+            self.purge(key)
+            return None
+        return entry
+
+    def purge(self, key: Key) -> bool:
+        """Drop one entry; False when it was not cached."""
+        found = self._store.pop(key, None) is not None
+        self._update_gauges()
+        return found
+
+    def _update_gauges(self) -> None:
+        self._metrics.cache_entries.set(len(self._store))
+        self._metrics.cache_bytes.set(self._store.currsize)
+
+    async def close(self) -> None:
+        """Cancel fetches still under way (shutdown)."""
+        tasks = list(self._inflight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,295 @@
+"""The PlanetScale service token: where it comes from and how it is kept current.
+
+A source (file, env, vault) knows how to fetch a `Credential`. The `CredentialStore`
+holds the one in use, refreshes it in the background, and reloads it on demand when
+PlanetScale refuses it. Nothing here ever logs or formats a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+
+from .metrics import Metrics
+
+log = structlog.get_logger("proxy.credential")
+
+# A token id and token are short ASCII strings; anything else is a broken file.
+_MAX_FIELD_LEN = 512
+
+
+class CredentialError(Exception):
+    """A credential could not be fetched. The message says why, never the value."""
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """A PlanetScale service token. Its repr never shows the token."""
+
+    token_id: str = field(repr=False)
+    token: str = field(repr=False)
+    # The Vault KV version it came from; 0 for sources without versions.
+    version: int = 0
+
+    @property
+    def header(self) -> str:
+        """The upstream `Authorization` header value."""
+        return f"{self.token_id}:{self.token}"
+
+    def __repr__(self) -> str:
+        return f"Credential(version={self.version})"
+
+
+def credential_from_fields(
+    data: object, *, token_id_field: str = "token_id", token_field: str = "token", version: int = 0
+) -> Credential:
+    """Build a credential from a decoded JSON object, naming what is wrong (never the value)."""
+    if not isinstance(data, dict):
+        raise CredentialError("expected a JSON object")
+    values = []
+    for name in (token_id_field, token_field):
+        value = data.get(name)
+        if value is None:
+            raise CredentialError(f"field {name!r} is missing")
+        if not isinstance(value, str):
+            raise CredentialError(f"field {name!r} is not a string")
+        if not value.strip():
+            raise CredentialError(f"field {name!r} is empty")
+        if len(value) > _MAX_FIELD_LEN or not _is_header_safe(value):
+            raise CredentialError(f"field {name!r} is not a valid token string")
+        values.append(value.strip())
+    return Credential(values[0], values[1], version)
+
+
+def _is_header_safe(value: str) -> bool:
+    return value.isascii() and value.isprintable()
+
+
+class CredentialSource(Protocol):
+    """Where a credential comes from.
+
+    `fetch(force)` returns the current credential, or None when the source knows
+    nothing changed since the last fetch (a cheap check, such as a file's stat);
+    `force=True` always reads. It raises `CredentialError` with a reason that is safe
+    to log. `poll_interval_s` is how often the store asks; `aclose` releases resources.
+    """
+
+    name: str
+    poll_interval_s: float
+
+    async def fetch(self, force: bool) -> Credential | None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class EnvSource:
+    """Token id and token from environment variables (local development)."""
+
+    name = "env"
+
+    def __init__(
+        self, token_id_var: str, token_var: str, environ: dict[str, str] | None = None
+    ) -> None:
+        self._token_id_var = token_id_var
+        self._token_var = token_var
+        self._environ = os.environ if environ is None else environ
+        # The environment of a running process does not change: read once, then rarely.
+        self.poll_interval_s = 60.0
+
+    async def fetch(self, force: bool) -> Credential | None:
+        values = {}
+        for var in (self._token_id_var, self._token_var):
+            value = self._environ.get(var, "")
+            if not value.strip():
+                raise CredentialError(f"environment variable {var} is not set or empty")
+            values[var] = value
+        return credential_from_fields(
+            {"token_id": values[self._token_id_var], "token": values[self._token_var]}
+        )
+
+    async def aclose(self) -> None:
+        return None
+
+
+class FileSource:
+    """A JSON file `{"token_id": ..., "token": ...}` rendered by Vault Agent or a Secret mount.
+
+    The file is re-read when its stat signature changes. `os.stat` follows symlinks, so
+    the atomic `..data` symlink swap Kubernetes does on a Secret volume is seen too.
+    """
+
+    name = "file"
+
+    def __init__(self, path: str, poll_interval_s: float = 1.0, max_bytes: int = 64 * 1024) -> None:
+        self._path = path
+        self.poll_interval_s = poll_interval_s
+        self._max_bytes = max_bytes
+        self._last_signature: tuple[int, int, int, int] | None = None
+
+    def _signature(self) -> tuple[int, int, int, int]:
+        try:
+            st = os.stat(self._path)
+        except FileNotFoundError:
+            raise CredentialError(f"file {self._path} does not exist") from None
+        except OSError as exc:
+            raise CredentialError(f"file {self._path} cannot be read: {exc.strerror}") from None
+        return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
+
+    async def fetch(self, force: bool) -> Credential | None:
+        signature = self._signature()
+        if not force and signature == self._last_signature:
+            return None
+        try:
+            # A small local file (tmpfs for a Secret mount): a blocking read costs microseconds.
+            with open(self._path, "rb") as f:  # noqa: ASYNC230
+                raw = f.read(self._max_bytes + 1)
+        except OSError as exc:
+            raise CredentialError(f"file {self._path} cannot be read: {exc.strerror}") from None
+        if len(raw) > self._max_bytes:
+            raise CredentialError(f"file {self._path} is larger than {self._max_bytes} bytes")
+        if not raw.strip():
+            raise CredentialError(f"file {self._path} is empty")
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            # The message of a JSON error can quote the document: do not pass it on.
+            raise CredentialError(f"file {self._path} is not valid JSON") from None
+        try:
+            credential = credential_from_fields(data)
+        except CredentialError as exc:
+            raise CredentialError(f"file {self._path}: {exc}") from None
+        # Remember the signature only once the content was good, so a half-written
+        # file is read again at the next poll even if its stat does not change.
+        self._last_signature = signature
+        return credential
+
+    async def aclose(self) -> None:
+        return None
+
+
+class CredentialStore:
+    """Holds the credential in use and keeps it current.
+
+    `current` is None until a first fetch succeeds. `run()` is the background refresher
+    (poll with jitter, back off on failure). `reload_after_rejection(c)` is called when
+    PlanetScale refused `c`: under a lock, so a burst of refusals costs one fetch.
+    """
+
+    def __init__(
+        self,
+        source: CredentialSource,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+        max_backoff_s: float = 60.0,
+    ) -> None:
+        self.source = source
+        self._metrics = metrics
+        self._clock = clock
+        self._max_backoff_s = max_backoff_s
+        self.current: Credential | None = None
+        self.not_ready_reason: str = "no credential loaded yet"
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._failures = 0
+
+    async def refresh(self, force: bool = False) -> bool:
+        """Fetch once; swap in a new credential. Returns False when the fetch failed."""
+        async with self._lock:
+            return await self._refresh_locked(force)
+
+    async def _refresh_locked(self, force: bool) -> bool:
+        try:
+            credential = await self.source.fetch(force)
+        except CredentialError as exc:
+            self._failures += 1
+            self._metrics.credential_reloads.labels(result="failure").inc()
+            reason = str(exc)
+            if self.current is None:
+                self.not_ready_reason = reason
+            log.warning(
+                "credential_reload_failed",
+                source=self.source.name,
+                reason=reason,
+                keeping_last=self.current is not None,
+                failures=self._failures,
+            )
+            return False
+        self._failures = 0
+        if credential is None:
+            return True
+        self._metrics.credential_reloads.labels(result="success").inc()
+        self._metrics.credential_last_reload.set(self._clock())
+        if credential != self.current:
+            previous = self.current
+            self.current = credential
+            self.not_ready_reason = ""
+            self._metrics.credential_loaded.set(1)
+            self._metrics.credential_version.set(credential.version)
+            log.info(
+                "credential_reloaded",
+                source=self.source.name,
+                version=credential.version,
+                previous_version=None if previous is None else previous.version,
+            )
+        return True
+
+    async def reload_after_rejection(self, rejected: Credential) -> Credential | None:
+        """PlanetScale refused `rejected`: make sure we hold the newest credential.
+
+        If another request already swapped it, return the new one without a fetch.
+        """
+        async with self._lock:
+            if self.current is not None and self.current != rejected:
+                return self.current
+            await self._refresh_locked(force=True)
+            return self.current
+
+    def wake(self) -> None:
+        """Ask the refresher to fetch now (SIGHUP)."""
+        self._wake.set()
+
+    def _next_delay(self) -> float:
+        base = self.source.poll_interval_s
+        if self._failures:
+            # Capped exponential backoff, starting from one second, with full jitter.
+            cap = min(self._max_backoff_s, max(1.0, base) * 2 ** min(self._failures - 1, 10))
+            return random.uniform(min(1.0, cap), cap)
+        # +-10% so replicas started together do not poll in step.
+        return base * random.uniform(0.9, 1.1)
+
+    async def run(self) -> None:
+        """Refresh forever; cancelled at shutdown."""
+        while True:
+            delay = self._next_delay()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                force = True
+            except TimeoutError:
+                force = False
+            self._wake.clear()
+            await self.refresh(force=force)
+
+
+@asynccontextmanager
+async def running(store: CredentialStore) -> AsyncIterator[CredentialStore]:
+    """First fetch, then the refresher in the background until the block ends."""
+    await store.refresh(force=True)
+    task = asyncio.create_task(store.run(), name="credential-refresher")
+    try:
+        yield store
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await store.source.aclose()

@@ -1,0 +1,170 @@
+"""Prometheus metrics: one `Metrics` object owns its registry and every metric.
+
+Names are the ones SPEC fixes; dashboards and alerts depend on them. Labels come
+from bounded sets only (configured callers, HTTP status codes, fixed words).
+"""
+
+from __future__ import annotations
+
+import platform
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from . import __version__
+
+# A cache hit is answered in well under a millisecond; a miss waits for PlanetScale.
+REQUEST_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+UPSTREAM_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0)
+
+CACHE_RESULTS = ("hit", "miss", "stale", "none")
+
+
+class Metrics:
+    """Every metric of the service, in a registry of its own (two apps never collide)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry if registry is not None else CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.build_info = Gauge(
+            "invoice_proxy_build_info",
+            "Always 1; the labels tell the running version.",
+            ["version", "python_version"],
+            registry=r,
+        )
+        self.build_info.labels(version=__version__, python_version=platform.python_version()).set(1)
+
+        self.requests = Counter(
+            "invoice_proxy_requests_total",
+            "API requests answered, by caller and HTTP status.",
+            ["caller", "code"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "invoice_proxy_request_duration_seconds",
+            "Time to answer an API request, by how the cache served it.",
+            ["cache"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.cache_lookups = Counter(
+            "invoice_proxy_cache_lookups_total",
+            "Invoice cache lookups by result.",
+            ["result"],
+            registry=r,
+        )
+        self.cache_entries = Gauge(
+            "invoice_proxy_cache_entries", "Invoices (and 404s) held in the cache.", registry=r
+        )
+        self.cache_bytes = Gauge(
+            "invoice_proxy_cache_bytes",
+            "Memory the cache accounts for its entries (bodies, keys, overhead).",
+            registry=r,
+        )
+        self.cache_evictions = Counter(
+            "invoice_proxy_cache_evictions_total",
+            "Entries dropped to stay within cache.max_bytes.",
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "invoice_proxy_upstream_requests_total",
+            "Requests sent to PlanetScale, by HTTP status, or timeout / error.",
+            ["code"],
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "invoice_proxy_upstream_duration_seconds",
+            "Time of one request to PlanetScale.",
+            buckets=UPSTREAM_BUCKETS,
+            registry=r,
+        )
+        self.upstream_schema_drift = Counter(
+            "invoice_proxy_upstream_schema_drift_total",
+            "Invoice bodies accepted beyond the 2025 OpenAPI document, by kind of drift.",
+            ["kind"],
+            registry=r,
+        )
+        self.upstream_invalid = Counter(
+            "invoice_proxy_upstream_invalid_responses_total",
+            "PlanetScale answers refused as not matching the invoice schema.",
+            registry=r,
+        )
+        self.upstream_circuit_state = Gauge(
+            "invoice_proxy_upstream_circuit_state",
+            "Upstream circuit breaker: 0 closed, 1 half-open, 2 open.",
+            registry=r,
+        )
+        self.upstream_throttled = Counter(
+            "invoice_proxy_upstream_throttled_total",
+            "Caller requests refused with 429 by the proxy's own upstream rate cap.",
+            registry=r,
+        )
+        self.credential_loaded = Gauge(
+            "invoice_proxy_credential_loaded", "1 while a credential is in hand.", registry=r
+        )
+        self.credential_reloads = Counter(
+            "invoice_proxy_credential_reloads_total",
+            "Credential fetches from the source, by result.",
+            ["result"],
+            registry=r,
+        )
+        self.credential_last_reload = Gauge(
+            "invoice_proxy_credential_last_reload_timestamp_seconds",
+            "Unix time of the last successful credential fetch.",
+            registry=r,
+        )
+        self.credential_version = Gauge(
+            "invoice_proxy_credential_version",
+            "The Vault KV version of the credential in use (0 for other sources).",
+            registry=r,
+        )
+        self.upstream_credential_rejections = Counter(
+            "invoice_proxy_upstream_credential_rejections_total",
+            "Times PlanetScale refused the proxy's token (401/403).",
+            registry=r,
+        )
+        self.caller_throttled = Counter(
+            "invoice_proxy_caller_rate_limited_total",
+            "Requests refused because the caller exceeded its own rate limit.",
+            ["caller"],
+            registry=r,
+        )
+        # Pre-create the fixed label sets so every series exists from the start
+        # (rate() over a series that appears late misses its first increments).
+        for result in ("success", "failure"):
+            self.credential_reloads.labels(result=result)
+        for result in ("hit", "miss", "stale", "coalesced"):
+            self.cache_lookups.labels(result=result)
+        self._duration = {c: self.request_duration.labels(cache=c) for c in CACHE_RESULTS}
+        self._requests: dict[tuple[str, int], Counter] = {}
+        self.lookup_hit = self.cache_lookups.labels(result="hit")
+
+    def request_done(self, caller: str, status: int, cache: str, seconds: float) -> None:
+        """Count one answered API request (hot path: label children are memoized)."""
+        key = (caller, status)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self.requests.labels(caller=caller, code=str(status))
+        child.inc()
+        self._duration[cache].observe(seconds)
+
+    def init_callers(self, callers: list[str]) -> None:
+        """Make each configured caller's success series exist from the start."""
+        for name in callers:
+            self._requests.setdefault((name, 200), self.requests.labels(caller=name, code="200"))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,310 @@
+"""The PlanetScale client: the only code that talks to the upstream API.
+
+One shared `ClientSession` (a connection pool, connect and total timeouts). It sends
+only `GET {base_url}/organizations/{organization}/invoices/{id}` with the service
+token attached here and nowhere else, retries what is worth retrying within one
+deadline per caller request, reloads the credential once when PlanetScale refuses
+it, checks every 200 body against the invoice schema, and protects PlanetScale with
+a concurrency cap, a rate cap and a circuit breaker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import aiohttp
+import structlog
+from yarl import URL
+
+from . import __version__, errors
+from .config import UpstreamConfig
+from .credential import Credential, CredentialStore
+from .errors import ProxyError
+from .invoice import InvalidInvoice, InvoiceFacts, check_invoice, safe_field_names
+from .metrics import Metrics
+from .resilience import CircuitBreaker, CircuitState, TokenBucket
+
+log = structlog.get_logger("proxy.upstream")
+
+# Statuses worth another attempt: PlanetScale is overloaded or restarting.
+_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_REJECTED = frozenset({401, 403})
+# How many distinct sets of unexpected field names are logged (then only counted).
+_MAX_DRIFT_LOGS = 32
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """An upstream answer the cache may keep: a valid invoice (200) or a 404."""
+
+    status: int
+    body: bytes
+    facts: InvoiceFacts | None
+
+
+class _Retry(Exception):
+    """One attempt failed in a way worth retrying; `error` is what the caller gets if not."""
+
+    def __init__(self, error: ProxyError, retry_after_s: float | None = None) -> None:
+        self.error = error
+        self.retry_after_s = retry_after_s
+
+
+class Upstream:
+    """Fetches one invoice from PlanetScale, with the proxy's credential."""
+
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        credentials: CredentialStore,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._config = config
+        self._credentials = credentials
+        self._metrics = metrics
+        self._clock = clock
+        self._sleep = sleep
+        self._base = config.base_url.rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+        self._slots = asyncio.Semaphore(config.max_concurrency)
+        self._bucket = TokenBucket(config.rate_per_s, config.burst, clock)
+        self.circuit = CircuitBreaker(
+            config.circuit_failures,
+            config.circuit_open_s,
+            clock,
+            on_change=self._circuit_changed,
+        )
+        self._drift_logged: set[tuple[str, ...]] = set()
+        self._user_agent = f"invoice-proxy/{__version__}"
+
+    async def lifetime(self, _app: object = None) -> AsyncIterator[None]:
+        """aiohttp cleanup_ctx: the session lives as long as the application."""
+        connector = aiohttp.TCPConnector(limit=self._config.max_connections, ttl_dns_cache=300)
+        timeout = aiohttp.ClientTimeout(
+            total=self._config.timeout_s, connect=self._config.connect_timeout_s
+        )
+        async with aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=True,
+            trust_env=False,
+        ) as session:
+            self._session = session
+            try:
+                yield
+            finally:
+                self._session = None
+
+    def url(self, organization: str, invoice_id: str) -> URL:
+        """The one upstream URL; both parts were validated, and are quoted all the same."""
+        path = (
+            f"/organizations/{quote(organization, safe='')}/invoices/{quote(invoice_id, safe='')}"
+        )
+        return URL(self._base + path, encoded=True)
+
+    async def fetch(self, organization: str, invoice_id: str) -> Fetched:
+        """One caller request's worth of upstream work: attempts, backoff, one deadline."""
+        if not self.circuit.allow():
+            raise errors.unavailable(
+                "PlanetScale is failing; the proxy stopped calling it for a moment",
+                self.circuit.retry_after(),
+            )
+        outcome_known = False
+        try:
+            result = await self._fetch_with_retries(organization, invoice_id)
+        except _CircuitFailure as failure:
+            self.circuit.record_failure()
+            outcome_known = True
+            raise failure.error from None
+        else:
+            self.circuit.record_success()
+            outcome_known = True
+            return result
+        finally:
+            if not outcome_known:
+                self.circuit.release()
+
+    async def _fetch_with_retries(self, organization: str, invoice_id: str) -> Fetched:
+        config = self._config
+        deadline = self._clock() + config.deadline_s
+        url = self.url(organization, invoice_id)
+        reloaded = False
+        attempt = 0
+        while True:
+            credential = self._credentials.current
+            if credential is None:
+                raise errors.unavailable(
+                    "the proxy has no PlanetScale credential loaded yet; try again shortly"
+                )
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                raise _CircuitFailure(errors.upstream_timeout())
+            await self._take_rate_token(remaining)
+            try:
+                return await self._attempt(url, credential, deadline)
+            except _Rejected:
+                self._metrics.upstream_credential_rejections.inc()
+                if reloaded:
+                    log.error("upstream_credential_rejected", version=credential.version)
+                    raise errors.upstream_credential_rejected() from None
+                reloaded = True
+                log.warning("upstream_refused_credential", version=credential.version)
+                await self._credentials.reload_after_rejection(credential)
+            except _Retry as retry:
+                attempt += 1
+                if attempt > config.retries:
+                    raise _failure(retry.error) from None
+                delay = random.uniform(
+                    0, min(config.backoff_max_s, config.backoff_base_s * 2**attempt)
+                )
+                if retry.retry_after_s is not None:
+                    delay = max(delay, min(retry.retry_after_s, config.backoff_max_s))
+                if self._clock() + delay >= deadline:
+                    raise _failure(retry.error) from None
+                log.info("upstream_retry", attempt=attempt, delay_ms=round(delay * 1000))
+                await self._sleep(delay)
+
+    async def _take_rate_token(self, remaining: float) -> None:
+        wait = self._bucket.reserve(min(self._config.max_queue_wait_s, remaining))
+        if wait is None:
+            self._metrics.upstream_throttled.inc()
+            raise errors.rate_limited(
+                self._bucket.try_take() or 1.0,
+                "too many requests to PlanetScale right now; retry after the given delay",
+            )
+        if wait > 0:
+            await self._sleep(wait)
+
+    async def _attempt(self, url: URL, credential: Credential, deadline: float) -> Fetched:
+        assert self._session is not None, "Upstream used outside its lifetime"
+        timeout = aiohttp.ClientTimeout(
+            total=min(self._config.timeout_s, max(0.001, deadline - self._clock())),
+            connect=self._config.connect_timeout_s,
+        )
+        headers = {
+            "Authorization": credential.header,
+            "Accept": "application/json",
+            "User-Agent": self._user_agent,
+        }
+        code = "error"
+        async with self._slots:
+            start = time.perf_counter()
+            try:
+                async with self._session.get(
+                    url, headers=headers, timeout=timeout, allow_redirects=False
+                ) as response:
+                    code = str(response.status)
+                    return await self._answer(response)
+            except TimeoutError:
+                code = "timeout"
+                raise _Retry(errors.upstream_timeout()) from None
+            except aiohttp.ClientError as exc:
+                # The class name says enough (reset, refused); the message may hold the URL.
+                log.warning("upstream_failed", error=type(exc).__name__, status_code=code)
+                code = "error"
+                raise _Retry(errors.upstream_error()) from None
+            finally:
+                self._metrics.upstream_duration.observe(time.perf_counter() - start)
+                self._metrics.upstream_requests.labels(code=code).inc()
+
+    async def _answer(self, response: aiohttp.ClientResponse) -> Fetched:
+        status = response.status
+        if status == 200:
+            body = await self._read_body(response)
+            return Fetched(200, body, self._check(response, body))
+        if status == 404:
+            return Fetched(404, b"", None)
+        if status in _REJECTED:
+            raise _Rejected()
+        if status in _RETRY_STATUSES:
+            if status == 429:
+                retry_after = _retry_after(response.headers.get("Retry-After"))
+                raise _Retry(
+                    errors.rate_limited(
+                        retry_after or 1.0, "PlanetScale's rate limit holds; retry later"
+                    ),
+                    retry_after,
+                )
+            raise _Retry(errors.upstream_error(f"PlanetScale answered {status}"))
+        log.warning("upstream_unexpected_status", status_code=status)
+        raise errors.upstream_error(f"PlanetScale answered {status}")
+
+    async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:
+        limit = self._config.max_body_bytes
+        if response.content_length is not None and response.content_length > limit:
+            self._metrics.upstream_invalid.inc()
+            raise errors.upstream_invalid_response(f"PlanetScale's answer is over {limit} bytes")
+        chunks = []
+        size = 0
+        async for chunk in response.content.iter_chunked(16384):
+            size += len(chunk)
+            if size > limit:
+                self._metrics.upstream_invalid.inc()
+                raise errors.upstream_invalid_response(
+                    f"PlanetScale's answer is over {limit} bytes"
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _check(self, response: aiohttp.ClientResponse, body: bytes) -> InvoiceFacts:
+        if response.content_type != "application/json":
+            self._metrics.upstream_invalid.inc()
+            raise errors.upstream_invalid_response("PlanetScale's answer is not application/json")
+        try:
+            facts = check_invoice(body, strict=self._config.strict_schema)
+        except InvalidInvoice as exc:
+            self._metrics.upstream_invalid.inc()
+            log.warning("upstream_invalid_response", reason=str(exc))
+            raise errors.upstream_invalid_response(
+                f"PlanetScale's answer breaks the invoice schema: {exc}"
+            ) from None
+        if facts.extra_fields:
+            self._metrics.upstream_schema_drift.labels(kind="extra_field").inc()
+            if (
+                facts.extra_fields not in self._drift_logged
+                and len(self._drift_logged) < _MAX_DRIFT_LOGS
+            ):
+                self._drift_logged.add(facts.extra_fields)
+                log.info("upstream_schema_drift", fields=safe_field_names(facts.extra_fields))
+        if facts.string_total:
+            self._metrics.upstream_schema_drift.labels(kind="string_total").inc()
+        return facts
+
+    def _circuit_changed(self, state: CircuitState) -> None:
+        self._metrics.upstream_circuit_state.set(int(state))
+        log.warning("upstream_circuit_changed", state=state.name.lower())
+
+
+class _Rejected(Exception):
+    """PlanetScale answered 401 or 403 to the proxy's token."""
+
+
+class _CircuitFailure(Exception):
+    """The request failed in a way that counts against PlanetScale's health."""
+
+    def __init__(self, error: ProxyError) -> None:
+        self.error = error
+
+
+def _failure(error: ProxyError) -> Exception:
+    # A 429 is PlanetScale protecting itself, not failing: it does not open the circuit.
+    return error if error.status == 429 else _CircuitFailure(error)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None  # an HTTP date: rare from an API, treated as unknown
+    return seconds if 0 <= seconds < 86400 else None
