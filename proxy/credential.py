@@ -202,6 +202,7 @@ class CredentialStore:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._failures = 0
+        self._fetches = 0  # fetches finished, successful or not
 
     async def refresh(self, force: bool = False) -> bool:
         """Fetch once; swap in a new credential. Returns False when the fetch failed."""
@@ -212,6 +213,7 @@ class CredentialStore:
         try:
             credential = await self.source.fetch(force)
         except CredentialError as exc:
+            self._fetches += 1
             self._failures += 1
             self._metrics.credential_reloads.labels(result="failure").inc()
             reason = str(exc)
@@ -225,6 +227,7 @@ class CredentialStore:
                 failures=self._failures,
             )
             return False
+        self._fetches += 1
         self._failures = 0
         if credential is None:
             return True
@@ -247,10 +250,15 @@ class CredentialStore:
     async def reload_after_rejection(self, rejected: Credential) -> Credential | None:
         """PlanetScale refused `rejected`: make sure we hold the newest credential.
 
-        If another request already swapped it, return the new one without a fetch.
+        If another request already swapped it, or a fetch finished while this one waited
+        for the lock (the source still holds the refused token), return the current one
+        without a fetch.
         """
+        fetches = self._fetches
         async with self._lock:
             if self.current is not None and self.current != rejected:
+                return self.current
+            if self._fetches != fetches:
                 return self.current
             await self._refresh_locked(force=True)
             return self.current

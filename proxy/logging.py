@@ -11,7 +11,7 @@ import logging
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -65,8 +65,13 @@ def redact_secrets(
     return event_dict
 
 
-def configure(level: str = "info", fmt: str = "json") -> None:
-    """Configure structlog once for the process: one JSON object a line on stdout."""
+def configure(
+    level: str = "info", fmt: str = "json", *, stream: TextIO | None = None, cache: bool = True
+) -> None:
+    """Configure structlog once for the process: one JSON object a line on stdout.
+
+    Tests pass their own `stream` and `cache=False`, so a later reconfiguration applies.
+    """
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
         if fmt == "console"
@@ -84,8 +89,8 @@ def configure(level: str = "info", fmt: str = "json") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             getattr(logging, level.upper(), logging.INFO)
         ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
-        cache_logger_on_first_use=True,
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
+        cache_logger_on_first_use=cache,
     )
     # aiohttp's own loggers (access log off; errors) go through the standard library.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(message)s")

@@ -124,9 +124,7 @@ ProxyFactory = Callable[..., Awaitable[Proxy]]
 
 
 @pytest.fixture
-def make_proxy(
-    aiohttp_client: Any, upstream: Upstream, credential_file: Path
-) -> ProxyFactory:
+def make_proxy(aiohttp_client: Any, upstream: Upstream, credential_file: Path) -> ProxyFactory:
     """Start a proxy against the stand-in; keyword arguments override config sections."""
 
     async def make(**sections: dict[str, Any]) -> Proxy:

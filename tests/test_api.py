@@ -179,16 +179,12 @@ async def test_retry_recovers_from_one_5xx(proxy: Proxy, upstream: Upstream) -> 
 async def test_502_invalid_response_is_not_cached(proxy: Proxy, upstream: Upstream) -> None:
     upstream.standin.behave("inv_1", Behaviour("malformed", times=1))
     path = invoice_path("acme", "inv_1")
-    await assert_error(
-        await proxy.api.get(path, headers=BILLING), 502, "upstream_invalid_response"
-    )
+    await assert_error(await proxy.api.get(path, headers=BILLING), 502, "upstream_invalid_response")
     response = await proxy.api.get(path, headers=BILLING)
     assert response.status == 200 and response.headers["X-Cache"] == "MISS"
 
 
-async def test_502_credential_rejected_after_one_reload(
-    proxy: Proxy, upstream: Upstream
-) -> None:
+async def test_502_credential_rejected_after_one_reload(proxy: Proxy, upstream: Upstream) -> None:
     upstream.standin.accept_only("someone-else:token")
     response = await proxy.api.get(invoice_path(), headers=BILLING)
     await assert_error(response, 502, "upstream_credential_rejected")
@@ -212,7 +208,9 @@ async def test_503_unavailable_while_no_credential_is_loaded(
     assert "does not exist" in (await ready.json())["reason"]
 
 
-async def test_504_when_planetscale_is_too_slow(make_proxy: ProxyFactory, upstream: Upstream) -> None:
+async def test_504_when_planetscale_is_too_slow(
+    make_proxy: ProxyFactory, upstream: Upstream
+) -> None:
     proxy = await make_proxy(upstream={"timeout_s": 0.2, "deadline_s": 0.5, "retries": 0})
     upstream.standin.behave("*", Behaviour("slow", delay_s=2.0))
     response = await proxy.api.get(invoice_path(), headers=BILLING)
