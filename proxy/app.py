@@ -8,7 +8,8 @@ closed by the API application's cleanup contexts.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 
 from aiohttp import web
@@ -48,15 +49,19 @@ def init_app(
     *,
     source: CredentialSource | None = None,
     metrics: Metrics | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> web.Application:
-    """Build the API application (and its admin sibling) for `config`."""
+    """Build the API application (and its admin sibling) for `config`.
+
+    `clock` (wall time, seconds) decides cache freshness; tests pass one they advance.
+    """
     metrics = metrics or Metrics()
     credentials = CredentialStore(source or make_source(config.credential), metrics)
     callers = Authenticator(config.callers)
     metrics.init_callers(callers.names)
-    cache = InvoiceCache(config.cache, metrics)
+    cache = InvoiceCache(config.cache, metrics, clock=clock)
     upstream = Upstream(config.upstream, credentials, metrics)
-    invoices = InvoiceHandler(callers, cache, upstream)
+    invoices = InvoiceHandler(callers, cache, upstream, clock)
 
     api = web.Application(middlewares=[observe(metrics)], client_max_size=1024)
     api[CONFIG] = config

@@ -36,6 +36,7 @@ MODES = (
     "malformed",  # 200 with a body that is not JSON
     "body",  # 200 with `body` as given and `content_type`
     "huge",  # 200 with a JSON body of `size` bytes
+    "stream",  # 200 with a chunked JSON body of `size` bytes, written piece by piece
 )
 
 
@@ -60,6 +61,9 @@ class Stats:
     by_invoice: Counter[str] = field(default_factory=Counter)
     methods: Counter[str] = field(default_factory=Counter)
     paths: list[str] = field(default_factory=list)
+    in_flight: int = 0  # invoice requests being answered now
+    max_in_flight: int = 0  # the most at once
+    body_bytes_sent: int = 0  # bytes of "stream" bodies written
 
 
 def make_invoice(invoice_id: str, *, drift: bool = False) -> dict[str, Any]:
@@ -110,6 +114,10 @@ class StandIn:
     def requests_for(self, invoice_id: str) -> int:
         return self.stats.by_invoice[invoice_id]
 
+    def release(self) -> None:
+        """Let every request held by "hang" finish (answering as "ok")."""
+        self._hang.set()
+
     def _behaviour(self, invoice_id: str) -> Behaviour:
         for key in (invoice_id, "*"):
             behaviour = self.behaviours.get(key)
@@ -126,6 +134,15 @@ class StandIn:
         stats.requests += 1
         stats.methods[request.method] += 1
         stats.paths.append(request.raw_path)
+        stats.in_flight += 1
+        stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+        try:
+            return await self._invoice(request)
+        finally:
+            stats.in_flight -= 1
+
+    async def _invoice(self, request: web.Request) -> web.StreamResponse:
+        stats = self.stats
         if request.headers.get("Authorization") not in self.tokens:
             stats.unauthorized += 1
             return web.json_response(PLANETSCALE_401, status=401)
@@ -160,6 +177,8 @@ class StandIn:
             return web.Response(body=b'{"id": "x", "total": ', content_type="application/json")
         elif b.mode == "body":
             return web.Response(body=b.body.encode(), headers={"Content-Type": b.content_type})
+        elif b.mode == "stream":
+            return await self._stream(request, invoice_id, b.size)
         elif b.mode == "huge":
             filler = "x" * max(0, b.size - 40)
             return web.Response(
@@ -171,6 +190,24 @@ class StandIn:
         if invoice_id.startswith(self.missing_prefix):
             return web.json_response(PLANETSCALE_404, status=404)
         return web.json_response(make_invoice(invoice_id, drift=self.drift))
+
+    async def _stream(self, request: web.Request, invoice_id: str, size: int) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        piece = b"x" * 65536
+        sent = 0
+        try:
+            await response.write(json.dumps({"id": invoice_id})[:-1].encode() + b', "filler": "')
+            while sent < size:
+                await response.write(piece)
+                sent += len(piece)
+                self.stats.body_bytes_sent += len(piece)
+            await response.write(b'"}')
+            await response.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass  # the client stopped reading and went away: what this mode is for
+        return response
 
     async def not_found(self, request: web.Request) -> web.Response:
         self.stats.requests += 1
@@ -202,14 +239,18 @@ class StandIn:
         app.router.add_post("/_control/tokens", self.control_tokens)
         app.router.add_get("/_control/stats", self.control_stats)
         app.router.add_route("*", "/{tail:.*}", self.not_found)
+        app.on_shutdown.append(self._release_hung)
         return app
+
+    async def _release_hung(self, _app: web.Application) -> None:
+        self._hang.set()  # so shutdown does not wait for requests told to hang
 
 
 async def start(
     standin: StandIn, host: str = "127.0.0.1", port: int = 0
 ) -> tuple[web.AppRunner, int]:
     """Run the stand-in on host:port (0: a free port); returns the runner and the port."""
-    runner = web.AppRunner(standin.app(), access_log=None)
+    runner = web.AppRunner(standin.app(), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

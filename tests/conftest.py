@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,9 +128,9 @@ ProxyFactory = Callable[..., Awaitable[Proxy]]
 def make_proxy(aiohttp_client: Any, upstream: Upstream, credential_file: Path) -> ProxyFactory:
     """Start a proxy against the stand-in; keyword arguments override config sections."""
 
-    async def make(**sections: dict[str, Any]) -> Proxy:
+    async def make(clock: Callable[[], float] = time.time, **sections: dict[str, Any]) -> Proxy:
         config = parse_config(config_dict(upstream.base_url, credential_file, **sections))
-        app = init_app(config)
+        app = init_app(config, clock=clock)
         api = await aiohttp_client(app)
         admin = await aiohttp_client(app[ADMIN_APP])
         return Proxy(api, admin, app, config)
@@ -140,6 +141,19 @@ def make_proxy(aiohttp_client: Any, upstream: Upstream, credential_file: Path) -
 @pytest.fixture
 async def proxy(make_proxy: ProxyFactory) -> Proxy:
     return await make_proxy()
+
+
+class FakeClock:
+    """Wall time that moves only when a test advances it."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 INVOICE_PATH = "/v1/organizations/{org}/invoices/{id}"
