@@ -19,20 +19,44 @@ REDACTED = "[redacted]"
 
 # Field names whose value is never logged, whatever it holds.
 _SECRET_KEYS = re.compile(
-    r"(?i)(authorization|token|secret|password|passwd|api[_-]?key|caller[_-]?key|jwt|cookie|credential_value)"
+    r"(?i)(authorization|token|secret|password|passwd|api[_-]?key|caller[_-]?key|jwt|cookie)"
 )
 # Fields that are known to be safe although their names match the pattern above.
-_SAFE_KEYS = frozenset({"token_id_field", "token_field", "credential_version", "token_source"})
+_SAFE_KEYS = frozenset({"token_id_field", "token_field", "token_source", "token_ttl_s"})
+# Fields the code fills with values it validated or made itself (request line facts,
+# counters, names from the configuration): their values are not scanned. This keeps
+# the per-request line cheap and stops a 64-character invoice id looking like a key.
+_TRUSTED_VALUES = frozenset(
+    {
+        "event", "level", "timestamp", "logger", "request_id", "caller", "organization",
+        "invoice_id", "method", "status", "cache", "duration_ms", "source", "version",
+        "previous_version", "attempt", "delay_ms", "state",
+    }
+)  # fmt: skip
 # Values that look like secrets wherever they appear in a string.
 _SECRET_VALUES = re.compile(
     r"(?i)(bearer\s+\S+"
-    r"|pscale_tkn_\S+"  # PlanetScale service tokens
-    r"|pscale_oauth_\S+"
+    r"|pscale_(?:tkn|oauth)_\S+"  # PlanetScale service and OAuth tokens
     r"|\b(?:hvs|hvb|hvr|s|b)\.[A-Za-z0-9_-]{20,}"  # Vault / OpenBao tokens
     r"|\bey[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]*"  # JWTs
-    r"|\b[A-Za-z0-9_-]{12,}:[A-Za-z0-9_-]{24,}"  # token_id:token
-    r"|\b[A-Za-z0-9_-]{40,})"  # long opaque strings (caller keys)
+    r"|\b[A-Za-z0-9_-]{8,}:[A-Za-z0-9_-]{24,})"  # token_id:token, an Authorization value
 )
+_SECRET, _TRUSTED, _SCAN = 0, 1, 2
+_key_kinds: dict[str, int] = {}
+
+
+def _kind(key: str) -> int:
+    kind = _key_kinds.get(key)
+    if kind is None:
+        if key not in _SAFE_KEYS and _SECRET_KEYS.search(key):
+            kind = _SECRET
+        elif key in _TRUSTED_VALUES:
+            kind = _TRUSTED
+        else:
+            kind = _SCAN
+        if len(_key_kinds) < 4096:  # log keys are code, not data: a small set
+            _key_kinds[key] = kind
+    return kind
 
 
 def redact_value(value: str) -> str:
@@ -41,16 +65,15 @@ def redact_value(value: str) -> str:
 
 def _redact(value: Any) -> Any:
     if isinstance(value, str):
-        return redact_value(value)
+        return _SECRET_VALUES.sub(REDACTED, value)
     if isinstance(value, dict):
-        return {k: REDACTED if _is_secret_key(k) else _redact(v) for k, v in value.items()}
+        return {
+            k: REDACTED if isinstance(k, str) and _kind(k) == _SECRET else _redact(v)
+            for k, v in value.items()
+        }
     if isinstance(value, list | tuple):
         return [_redact(v) for v in value]
     return value
-
-
-def _is_secret_key(key: object) -> bool:
-    return isinstance(key, str) and key not in _SAFE_KEYS and bool(_SECRET_KEYS.search(key))
 
 
 def redact_secrets(
@@ -58,9 +81,10 @@ def redact_secrets(
 ) -> MutableMapping[str, Any]:
     """structlog processor: mask secret-named fields and secret-shaped values."""
     for key, value in event_dict.items():
-        if _is_secret_key(key):
+        kind = _kind(key)
+        if kind == _SECRET:
             event_dict[key] = REDACTED
-        elif isinstance(value, str | dict | list | tuple):
+        elif kind == _SCAN and isinstance(value, str | dict | list | tuple):
             event_dict[key] = _redact(value)
     return event_dict
 

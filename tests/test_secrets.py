@@ -99,3 +99,15 @@ def test_redaction_masks_secret_shaped_values_a_change_might_log() -> None:
     assert "pscale_tkn_abcdef" not in event["message"] and SECRETS[1] not in event["message"]
     assert event["vault_token"] == "[redacted]"
     assert event["status"] == 200
+
+
+async def test_a_64_character_invoice_id_is_logged_as_it_is(proxy: object) -> None:
+    """Redaction masks secret shapes, not every long identifier."""
+    from structlog.testing import capture_logs
+
+    long_id = "inv_" + "a1B2c3D4e5" * 6
+    with capture_logs(processors=[proxy_logging.redact_secrets]) as logs:
+        response = await proxy.api.get(invoice_path("acme", long_id), headers=BILLING)  # type: ignore[attr-defined]
+    assert response.status == 200
+    line = next(entry for entry in logs if entry["event"] == "request")
+    assert line["invoice_id"] == long_id
