@@ -318,9 +318,8 @@ class VaultSource:
             raise CredentialError(f"Vault has no secret at {where} (HTTP 404)")
         if status != 200:
             raise CredentialError(_http_reason(f"Vault read of {where}", status, body))
-        if not isinstance(version, int) or isinstance(version, bool):
+        if not isinstance(data, dict) or not isinstance(version, int) or isinstance(version, bool):
             raise CredentialError(f"Vault secret {where}: not a KV version 2 answer (no version)")
-        assert isinstance(data, dict)
         fields = data.get("data")
         if fields is None:
             raise CredentialError(f"Vault secret {where}: version {version} is deleted")
@@ -340,6 +339,10 @@ class VaultSource:
 def _http_reason(what: str, status: int, body: dict[str, Any]) -> str:
     errors = body.get("errors")
     text = "; ".join(errors) if isinstance(errors, list) else ""
+    if 300 <= status < 400:
+        # A standby that does not forward requests redirects to the active node. The
+        # token is not sent after a redirect, wherever it points.
+        text = "redirect not followed: set address to the active node or the load balancer"
     return f"{what} failed: HTTP {status}" + (f" ({text})" if text else "")
 
 
