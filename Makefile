@@ -33,6 +33,7 @@ define apt_missing
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  for svc in $$missing; do systemctl stop $$svc 2>/dev/null || service $$svc stop >/dev/null 2>&1 || true; done; \
 	fi
 endef
 
@@ -40,8 +41,8 @@ tools:
 	$(call apt_missing,$(TEST_TOOLS))
 
 lint: $(VENV)/.test-deps
-	$(BIN)/ruff check proxy tests bench
-	$(BIN)/ruff format --check proxy tests bench
+	$(BIN)/ruff check proxy tests bench deploy
+	$(BIN)/ruff format --check proxy tests bench deploy
 
 typecheck: $(VENV)/.test-deps
 	$(BIN)/mypy

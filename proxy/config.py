@@ -259,7 +259,7 @@ class _Section:
 
 
 def _port(s: _Section, key: str, default: int) -> int:
-    return s.integer(key, default, 1, 65535)
+    return s.integer(key, default, 0, 65535)  # 0: a free port, logged at start-up
 
 
 def _server(s: _Section) -> ServerConfig:
@@ -276,7 +276,7 @@ def _server(s: _Section) -> ServerConfig:
         max_field_size=s.integer("max_field_size", d.max_field_size, 256, 65536),
         max_headers=s.integer("max_headers", d.max_headers, 8, 1024),
     )
-    if c.port == c.admin_port:
+    if c.port == c.admin_port and c.port != 0:
         s.problem("admin_port", "must differ from server.port")
     s.finish()
     return c

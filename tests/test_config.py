@@ -41,7 +41,7 @@ def test_valid_configuration_loads_typed_values(tmp_path: Path) -> None:
         ("cache", {"max_bytes": "big"}, "cache.max_bytes: expected an integer"),
         ("cache", {"max_bytez": 1}, "cache.max_bytez: unknown key"),
         ("server", {"port": 70000}, "server.port: must be at most 65535"),
-        ("server", {"port": 0}, "server.port: must be at least 1"),
+        ("server", {"port": -1}, "server.port: must be at least 0"),
         ("server", {"admin_port": 18080}, "server.admin_port: must differ from server.port"),
         ("upstream", {"strict_schema": "yes"}, "upstream.strict_schema: expected a boolean"),
         (

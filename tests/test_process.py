@@ -18,7 +18,15 @@ import pytest
 from proxy.auth import key_digest
 from proxy.standin import Behaviour
 
-from .conftest import BILLING, BILLING_KEY, Upstream, config_dict, invoice_path
+from .conftest import (
+    BILLING,
+    BILLING_KEY,
+    TOKEN_ID,
+    Upstream,
+    config_dict,
+    invoice_path,
+    write_credential,
+)
 
 
 def free_port() -> int:
@@ -68,11 +76,19 @@ class Served:
 
 @pytest.fixture
 async def served(
-    upstream: Upstream, credential_file: Path, tmp_path: Path
+    upstream: Upstream, credential_file: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[Served]:
+    """`invoice-proxy serve` in a subprocess. Parametrize it indirectly with a dict of
+    configuration sections to override them."""
     port, admin_port = free_port(), free_port()
+    sections = dict(getattr(request, "param", {}))
+    if "credential" in sections:
+        sections["credential"]["file"]["path"] = str(credential_file)
     data = config_dict(
-        upstream.base_url, credential_file, server={"port": port, "admin_port": admin_port}
+        upstream.base_url,
+        credential_file,
+        server={"port": port, "admin_port": admin_port},
+        **sections,
     )
     path = tmp_path / "config.toml"
     path.write_text(to_toml(data))
@@ -141,3 +157,23 @@ async def test_sighup_reloads_caller_keys_and_keeps_running_on_a_bad_file(
         assert (
             await session.get(url, headers={"Authorization": f"Bearer {new_key}"})
         ).status == 200
+
+
+HOURLY = {"credential": {"source": "file", "file": {"path": "", "poll_interval_s": 3600}}}
+
+
+@pytest.mark.parametrize("served", [HOURLY], indirect=True)
+async def test_sighup_reads_the_credential_at_once(
+    served: Served, upstream: Upstream, credential_file: Path
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        assert (await session.get(served.url + invoice_path("acme", "a"), headers=BILLING)).ok
+        write_credential(credential_file, TOKEN_ID, "token-after-sighup")
+        served.process.send_signal(signal.SIGHUP)
+        reloaded = await served.read_until("credential_reloaded")
+        assert reloaded["source"] == "file"
+        upstream.standin.accept_only(f"{TOKEN_ID}:token-after-sighup")
+        response = await session.get(served.url + invoice_path("acme", "b"), headers=BILLING)
+        assert response.status == 200
+    # A refusal would have shown: the new token was in use before the first request.
+    assert upstream.standin.stats.unauthorized == 0
