@@ -37,7 +37,7 @@ class ServerConfig:
     shutdown_grace_s: float = 10.0  # in-flight requests get this long after SIGTERM
     keepalive_timeout_s: float = 75.0  # idle keep-alive connections are closed after this
     max_connections: int = 1024  # open connections on the API listener, beyond: refused
-    request_timeout_s: float = 30.0  # a request (headers and handling) must finish within
+    request_timeout_s: float = 30.0  # to read a request head (and a new connection's first)
     max_line_size: int = 8190  # request line length, bytes
     max_field_size: int = 8190  # one header, bytes
     max_headers: int = 64  # headers in one request
@@ -51,12 +51,12 @@ class UpstreamConfig:
     deadline_s: float = 20.0  # all attempts for one caller request, backoff included
     retries: int = 2  # extra attempts after a 5xx, 429 or connection error
     backoff_base_s: float = 0.1  # first backoff, doubled each retry, full jitter
-    backoff_max_s: float = 2.0  # cap on one backoff and on an honoured Retry-After
+    backoff_max_s: float = 2.0  # cap on one backoff; a longer Retry-After goes to the caller
     max_connections: int = 32  # connection pool size
     max_concurrency: int = 32  # upstream requests in flight at once
     rate_per_s: float = 5.0  # token bucket on upstream requests (PlanetScale allows 10/s)
     burst: int = 10  # token bucket size
-    max_queue_wait_s: float = 2.0  # longest wait for a rate token before answering 429
+    max_queue_wait_s: float = 2.0  # longest wait for a rate token or a free slot, then 429
     max_body_bytes: int = 65536  # an invoice body larger than this is invalid
     strict_schema: bool = False  # true: reject anything beyond the 2025 OpenAPI document
     circuit_failures: int = 5  # consecutive failures that open the circuit

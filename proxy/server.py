@@ -1,21 +1,32 @@
 """Listening: an aiohttp runner with the server limits from `[server]`.
 
-Limits: request line, header size and count, keep-alive timeout, a cap on open
-connections (the connection beyond it is closed at once), and a graceful shutdown
-that lets in-flight requests finish within `shutdown_grace_s`.
+Limits: request line, header size and count, a time limit on reading a request head
+(`request_timeout_s`: a client that trickles its headers is cut off), keep-alive
+timeout, a cap on open connections (the connection beyond it is closed at once), and
+a graceful shutdown that lets in-flight requests finish within `shutdown_grace_s`.
+
+A request aiohttp cannot parse never reaches the application's middleware; it is
+answered here in SPEC's JSON error shape, with a fixed message: aiohttp's own quotes
+the offending bytes, which may hold a caller key.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
+from . import errors
 from .config import ServerConfig
+from .errors import ProxyError, error_response
+from .handlers import new_request_id
 
 log = structlog.get_logger("proxy.server")
 
@@ -34,21 +45,12 @@ class ProxyRunner(web.AppRunner):
             max_field_size=config.max_field_size,
             max_headers=config.max_headers,
         )
-        self._max_connections = config.max_connections
+        self._config = config
 
     async def _make_server(self) -> Server:
-        server = await super()._make_server()
-        cap = self._max_connections
-        accept = server.connection_made
-
-        def connection_made(handler: RequestHandler, transport: Any) -> None:
-            accept(handler, transport)
-            if len(server.connections) > cap:
-                log.warning("connection_refused", reason="max_connections", limit=cap)
-                transport.close()
-
-        server.connection_made = connection_made  # type: ignore[method-assign]
-        return server
+        # aiohttp builds its Server (after the application's start-up); ours is the same
+        # with its own protocol class, which aiohttp offers no other way to choose.
+        return _Server(await super()._make_server(), self._config)
 
     async def listen(self, host: str, port: int, *, reuse_port: bool = False) -> int:
         """Bind host:port (0: a free port), start serving, return the bound port."""
@@ -64,3 +66,98 @@ class ProxyRunner(web.AppRunner):
             raise
         await web.SockSite(self, sock, backlog=512).start()
         return int(sock.getsockname()[1])
+
+
+class _Server(Server):
+    """aiohttp's Server with the connection cap and `_Protocol` for each connection."""
+
+    def __init__(self, base: Server, config: ServerConfig) -> None:
+        super().__init__(
+            base.request_handler,
+            request_factory=base.request_factory,
+            handler_cancellation=base.handler_cancellation,
+            loop=base._loop,
+            **base._kwargs,
+        )
+        self._cap = config.max_connections
+        self._head_timeout_s = config.request_timeout_s
+
+    def __call__(self) -> RequestHandler:
+        return _Protocol(self, head_timeout_s=self._head_timeout_s, loop=self._loop, **self._kwargs)
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        if len(self._connections) > self._cap:
+            log.warning("connection_refused", reason="max_connections", limit=self._cap)
+            transport.close()
+
+
+class _Protocol(RequestHandler):
+    """One connection: aiohttp's HTTP/1.1, a time limit per request head, JSON errors."""
+
+    __slots__ = ("_head_timeout_s", "_head_timer")
+
+    def __init__(self, manager: Server, *, head_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._head_timeout_s = head_timeout_s
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._start_head_timer()  # a connection that sends nothing is a head not read
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        # From the first byte of a request until its head is parsed, the timer runs;
+        # between requests the keep-alive timeout applies instead.
+        if self._head_timer is None:
+            self._start_head_timer()
+        heads = self._request_count
+        super().data_received(data)
+        if self._request_count != heads:
+            self._stop_head_timer()
+
+    def _start_head_timer(self) -> None:
+        self._head_timer = self._loop.call_later(self._head_timeout_s, self._head_timed_out)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        log.info("connection_closed", reason="request_timeout", limit_s=self._head_timeout_s)
+        if self._request_in_progress:
+            self.close()  # the answer under way is sent first; the slow head is not read
+        else:
+            self.force_close()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """A request aiohttp could not parse (or a failure outside the middleware)."""
+        if request.writer.output_size > 0:
+            raise ConnectionError("the answer had started; the connection is dropped")
+        error = _protocol_error(status, exc)
+        log.info("request_refused", status=error.status, reason=error.message)
+        response = error_response(error, new_request_id())
+        response.force_close()
+        return response
+
+
+def _protocol_error(status: int, exc: BaseException | None) -> ProxyError:
+    if status == 400:
+        if isinstance(exc, LineTooLong):
+            return errors.invalid_request("the request line or a header is too long")
+        return errors.invalid_request(
+            "the request is not valid HTTP/1.1 (malformed, or too many headers)"
+        )
+    return ProxyError(status, "internal_error", "the proxy failed; this is a bug")

@@ -18,7 +18,7 @@ import json
 import socket
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from aiohttp import web
@@ -226,9 +226,12 @@ class StandIn:
         return web.json_response({"ok": True})
 
     async def control_stats(self, _request: web.Request) -> web.Response:
-        data = asdict(self.stats)
+        # Not dataclasses.asdict: it rebuilds a Counter from (key, count) pairs.
+        data = {f.name: getattr(self.stats, f.name) for f in fields(self.stats)}
         data.pop("paths")
-        return web.json_response(data)
+        return web.json_response(
+            {k: dict(v) if isinstance(v, Counter) else v for k, v in data.items()}
+        )
 
     def app(self) -> web.Application:
         app = web.Application()

@@ -11,6 +11,7 @@ a concurrency cap, a rate cap and a circuit breaker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -98,6 +99,11 @@ class Upstream:
             auto_decompress=True,
             trust_env=False,
         ) as session:
+            # aiohttp resends an idempotent request once by itself when the connection
+            # drops (RFC 9112 9.3.1). Our retries are the only ones: counted, rate-capped
+            # and within the deadline; theirs would double what PlanetScale sees on a
+            # reset. There is no public switch; aiohttp's own TestClient does the same.
+            session._retry_connection = False
             self._session = session
             try:
                 yield
@@ -167,7 +173,11 @@ class Upstream:
                     0, min(config.backoff_max_s, config.backoff_base_s * 2**attempt)
                 )
                 if retry.retry_after_s is not None:
-                    delay = max(delay, min(retry.retry_after_s, config.backoff_max_s))
+                    # Honoured, never shortened: a pause longer than backoff_max_s is
+                    # the caller's to take, with PlanetScale's Retry-After passed on.
+                    if retry.retry_after_s > config.backoff_max_s:
+                        raise _failure(retry.error) from None
+                    delay = max(delay, retry.retry_after_s)
                 if self._clock() + delay >= deadline:
                     raise _failure(retry.error) from None
                 log.info("upstream_retry", attempt=attempt, delay_ms=round(delay * 1000))
@@ -186,17 +196,18 @@ class Upstream:
 
     async def _attempt(self, url: URL, credential: Credential, deadline: float) -> Fetched:
         assert self._session is not None, "Upstream used outside its lifetime"
-        timeout = aiohttp.ClientTimeout(
-            total=min(self._config.timeout_s, max(0.001, deadline - self._clock())),
-            connect=self._config.connect_timeout_s,
-        )
         headers = {
             "Authorization": credential.header,
             "Accept": "application/json",
             "User-Agent": self._user_agent,
         }
         code = "error"
-        async with self._slots:
+        async with self._slot(deadline):
+            # Computed once a slot is ours: the wait for it spent some of the deadline.
+            timeout = aiohttp.ClientTimeout(
+                total=min(self._config.timeout_s, max(0.001, deadline - self._clock())),
+                connect=self._config.connect_timeout_s,
+            )
             start = time.perf_counter()
             try:
                 async with self._session.get(
@@ -215,6 +226,25 @@ class Upstream:
             finally:
                 self._metrics.upstream_duration.observe(time.perf_counter() - start)
                 self._metrics.upstream_requests.labels(code=code).inc()
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, deadline: float) -> AsyncIterator[None]:
+        """One of `max_concurrency` places, waited for briefly and never past the deadline."""
+        wait = min(self._config.max_queue_wait_s, max(0.0, deadline - self._clock()))
+        try:
+            async with asyncio.timeout(wait):
+                await self._slots.acquire()
+        except TimeoutError:
+            if wait < self._config.max_queue_wait_s:
+                raise errors.upstream_timeout() from None
+            self._metrics.upstream_throttled.inc()
+            raise errors.rate_limited(
+                1.0, "too many requests to PlanetScale in flight; retry after the given delay"
+            ) from None
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     async def _answer(self, response: aiohttp.ClientResponse) -> Fetched:
         status = response.status
