@@ -57,7 +57,7 @@ def init_app(
     """
     metrics = metrics or Metrics()
     credentials = CredentialStore(source or make_source(config.credential), metrics)
-    callers = Authenticator(config.callers)
+    callers = Authenticator(config.callers, metrics)
     metrics.init_callers(callers.names)
     cache = InvoiceCache(config.cache, metrics, clock=clock)
     upstream = Upstream(config.upstream, credentials, metrics)

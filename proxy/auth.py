@@ -11,22 +11,28 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from . import errors
 from .config import CallerConfig
+from .metrics import Metrics
 from .resilience import TokenBucket
 
 ALL = "*"
 
 
+def _nothing() -> None:
+    return None
+
+
 class Caller:
     """An authenticated internal service."""
 
-    __slots__ = ("all_organizations", "bucket", "name", "organizations")
+    __slots__ = ("_on_throttled", "all_organizations", "bucket", "name", "organizations")
 
-    def __init__(self, config: CallerConfig) -> None:
+    def __init__(self, config: CallerConfig, on_throttled: Callable[[], None] = _nothing) -> None:
         self.name = config.name
+        self._on_throttled = on_throttled
         self.organizations = frozenset(config.organizations)
         self.all_organizations = ALL in self.organizations
         self.bucket = (
@@ -34,9 +40,6 @@ class Caller:
             if config.rate_per_s > 0
             else None
         )
-
-    def may_read(self, organization: str) -> bool:
-        return self.all_organizations or organization in self.organizations
 
     def authorize(self, organization: str) -> None:
         if not (self.all_organizations or organization in self.organizations):
@@ -47,6 +50,7 @@ class Caller:
         if self.bucket is not None:
             wait = self.bucket.try_take()
             if wait:
+                self._on_throttled()
                 raise errors.rate_limited(
                     wait, "this caller is over its request rate; retry after the given delay"
                 )
@@ -55,7 +59,8 @@ class Caller:
 class Authenticator:
     """Finds the caller for an `Authorization` header; its caller list can be replaced live."""
 
-    def __init__(self, callers: Iterable[CallerConfig]) -> None:
+    def __init__(self, callers: Iterable[CallerConfig], metrics: Metrics | None = None) -> None:
+        self._metrics = metrics
         self._by_digest: dict[bytes, tuple[bytes, Caller]] = {}
         self.replace(callers)
 
@@ -63,11 +68,16 @@ class Authenticator:
         """Swap in a new caller list (SIGHUP). Existing rate buckets start afresh."""
         by_digest = {}
         for config in callers:
-            caller = Caller(config)
+            caller = Caller(config, self._throttled_counter(config.name))
             for hex_digest in config.key_sha256:
                 digest = bytes.fromhex(hex_digest)
                 by_digest[digest] = (digest, caller)
         self._by_digest = by_digest
+
+    def _throttled_counter(self, name: str) -> Callable[[], None]:
+        if self._metrics is None:
+            return _nothing
+        return self._metrics.caller_throttled.labels(caller=name).inc
 
     @property
     def names(self) -> list[str]:

@@ -155,6 +155,8 @@ async def test_429_when_caller_exceeds_its_own_limit(make_proxy: ProxyFactory) -
     response = await proxy.api.get(invoice_path(), headers=BILLING)
     await assert_error(response, 429, "rate_limited")
     assert int(response.headers["Retry-After"]) >= 1
+    page = await (await proxy.admin.get("/metrics")).text()
+    assert 'invoice_proxy_caller_rate_limited_total{caller="billing-service"} 2.0' in page
 
 
 async def test_502_upstream_error_after_retries(proxy: Proxy, upstream: Upstream) -> None:
