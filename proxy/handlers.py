@@ -33,6 +33,7 @@ CALLER = web.RequestKey("caller", str)
 ORGANIZATION = web.RequestKey("organization", str)
 INVOICE_ID = web.RequestKey("invoice_id", str)
 CACHE = web.RequestKey("cache", str)
+REQUEST_ID = web.RequestKey("request_id", str)
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _X_CACHE = {"hit": "HIT", "miss": "MISS", "stale": "STALE"}
@@ -56,42 +57,42 @@ def observe(metrics: Metrics | None) -> Middleware:
         request_id = request.headers.get("X-Request-ID", "")
         if not _REQUEST_ID.fullmatch(request_id):
             request_id = new_request_id()
-        tokens = structlog.contextvars.bind_contextvars(request_id=request_id)
+        # The id is bound to the log context only where other lines may be logged
+        # during the request (the miss path, see InvoiceHandler); a hit logs one line.
+        request[REQUEST_ID] = request_id
         try:
-            try:
-                response = await handler(request)
-            except ProxyError as exc:
-                response = error_response(exc, request_id)
-            except web.HTTPException as exc:
-                response = error_response(_from_http_exception(exc), request_id)
-            except Exception:
-                log.exception("unhandled_error")
-                response = error_response(
-                    ProxyError(500, "internal_error", "the proxy failed; this is a bug"), request_id
-                )
-            else:
-                response.headers["X-Request-ID"] = request_id
-            duration = time.perf_counter() - start
-            caller = request.get(CALLER, "unknown")
-            cache = request.get(CACHE, "none")
-            status = response.status
-            if metrics is not None:
-                metrics.request_done(caller, status, cache, duration)
-            elif status < 400 and request.method == "GET":
-                return response  # probes and scrapes of the admin listener: not logged
-            log.info(
-                "request",
-                method=request.method,
-                caller=caller,
-                organization=request.get(ORGANIZATION),
-                invoice_id=request.get(INVOICE_ID),
-                status=status,
-                cache=cache,
-                duration_ms=round(duration * 1000, 3),
+            response = await handler(request)
+        except ProxyError as exc:
+            response = error_response(exc, request_id)
+        except web.HTTPException as exc:
+            response = error_response(_from_http_exception(exc), request_id)
+        except Exception:
+            log.exception("unhandled_error", request_id=request_id)
+            response = error_response(
+                ProxyError(500, "internal_error", "the proxy failed; this is a bug"), request_id
             )
-            return response
-        finally:
-            structlog.contextvars.reset_contextvars(**tokens)
+        else:
+            response.headers["X-Request-ID"] = request_id
+        duration = time.perf_counter() - start
+        caller = request.get(CALLER, "unknown")
+        cache = request.get(CACHE, "none")
+        status = response.status
+        if metrics is not None:
+            metrics.request_done(caller, status, cache, duration)
+        elif status < 400 and request.method == "GET":
+            return response  # probes and scrapes of the admin listener: not logged
+        log.info(
+            "request",
+            request_id=request_id,
+            method=request.method,
+            caller=caller,
+            organization=request.get(ORGANIZATION),
+            invoice_id=request.get(INVOICE_ID),
+            status=status,
+            cache=cache,
+            duration_ms=round(duration * 1000, 3),
+        )
+        return response
 
     return middleware
 
@@ -144,7 +145,11 @@ class InvoiceHandler:
         entry = self._cache.fresh((organization, invoice_id))
         state = HIT
         if entry is None:
-            entry, state = await self._cache.load(organization, invoice_id, self._upstream.fetch)
+            # Upstream and credential lines logged on the way carry the request id.
+            with structlog.contextvars.bound_contextvars(request_id=request[REQUEST_ID]):
+                entry, state = await self._cache.load(
+                    organization, invoice_id, self._upstream.fetch
+                )
         request[CACHE] = state
         return self._answer(request, entry, _X_CACHE[state])
 
