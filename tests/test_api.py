@@ -245,3 +245,21 @@ async def test_metrics_page_counts_requests_by_caller_and_code(proxy: Proxy) -> 
     assert 'invoice_proxy_upstream_requests_total{code="200"} 1.0' in page
     assert "invoice_proxy_credential_loaded 1.0" in page
     assert 'invoice_proxy_cache_lookups_total{result="miss"} 1.0' in page
+
+
+async def test_upstream_lines_of_a_request_carry_its_request_id(
+    proxy: Proxy, upstream: Upstream
+) -> None:
+    from structlog.contextvars import merge_contextvars
+    from structlog.testing import capture_logs
+
+    upstream.standin.behave("*", Behaviour("status", status=503, times=1))
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        response = await proxy.api.get(
+            invoice_path(), headers={**BILLING, "X-Request-ID": "trace-42"}
+        )
+    assert response.status == 200
+    retry = next(line for line in logs if line["event"] == "upstream_retry")
+    assert retry["request_id"] == "trace-42"
+    request_line = next(line for line in logs if line["event"] == "request")
+    assert request_line["request_id"] == "trace-42"
