@@ -52,7 +52,11 @@ unit: $(VENV)/.test-deps tools
 
 test: lint typecheck unit
 
-bench: $(VENV)/.test-deps
+$(VENV)/.bench-deps: pyproject.toml $(VENV)/.test-deps
+	$(BIN)/pip install -q -e '.[fast,test,bench]'
+	touch $@
+
+bench: $(VENV)/.bench-deps
 	$(call apt_missing,$(BENCH_TOOLS))
 	$(BIN)/python -m bench.run
 
