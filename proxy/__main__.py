@@ -64,6 +64,7 @@ async def serve(
         await api_runner.cleanup()
         await admin_runner.cleanup()
     log.info("stopped")
+    proxy_logging.flush_logs()
 
 
 def _reload(api: web.Application, config_path: str | None) -> None:

@@ -73,6 +73,7 @@ async def test_no_secret_in_logs_metrics_or_responses(
         seen.append(await (await proxy.admin.get("/readyz")).text())
     finally:
         structlog.reset_defaults()
+    proxy_logging.flush_logs()
     logs = output.getvalue()
     assert '"event": "request"' in logs and "credential_reloaded" in logs
     everything = logs + "\n".join(seen) + capsys.readouterr().out  # type: ignore[attr-defined]
@@ -111,3 +112,12 @@ async def test_a_64_character_invoice_id_is_logged_as_it_is(proxy: object) -> No
     assert response.status == 200
     line = next(entry for entry in logs if entry["event"] == "request")
     assert line["invoice_id"] == long_id
+
+
+def test_timestamps_match_structlogs_iso_format() -> None:
+    import re
+
+    stamp = proxy_logging.UTCTimestamper()(None, "info", {})["timestamp"]
+    reference = structlog.processors.TimeStamper(fmt="iso", utc=True)(None, "info", {})
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp)
+    assert stamp[:16] == reference["timestamp"][:16]  # same minute, same shape
