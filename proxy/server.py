@@ -111,14 +111,15 @@ class _Protocol(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        # From the first byte of a request until its head is parsed, the timer runs;
-        # between requests the keep-alive timeout applies instead.
-        if self._head_timer is None:
-            self._start_head_timer()
+        # A head that arrives whole (nearly every request) needs no timer: one is started
+        # only when a chunk leaves a head incomplete, and runs until the head is parsed.
+        # Between requests the keep-alive timeout applies instead.
         heads = self._request_count
         super().data_received(data)
         if self._request_count != heads:
             self._stop_head_timer()
+        elif self._head_timer is None:
+            self._start_head_timer()
 
     def _start_head_timer(self) -> None:
         self._head_timer = self._loop.call_later(self._head_timeout_s, self._head_timed_out)
