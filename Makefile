@@ -1,12 +1,13 @@
 # Two commands for a newcomer: `make run` (the demo) and `make test` (everything).
 # Both create .venv themselves; `make test` also installs the system tools the tests
-# run for real (promtool and Prometheus, from Debian's packages).
+# run for real (promtool, Prometheus and Redis, from Debian's packages; OpenBao comes
+# from PyPI with the test extra).
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Debian packages the tests need, as "command:package" pairs.
-TEST_TOOLS := promtool:prometheus prometheus:prometheus
+TEST_TOOLS := promtool:prometheus prometheus:prometheus redis-server:redis-server
 BENCH_TOOLS := nginx:nginx wrk:wrk taskset:util-linux
 
 .PHONY: run test lint typecheck unit tools bench soak clean

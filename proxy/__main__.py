@@ -9,6 +9,7 @@ import secrets
 import signal
 import sys
 from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Any
 
 import structlog
@@ -21,6 +22,7 @@ from .auth import key_digest, new_caller_key
 from .config import Config, ConfigError, load_config, parse_config
 from .credential import CredentialSource, EnvSource
 from .server import ProxyRunner
+from .workers import run_workers, worker_config
 
 log = structlog.get_logger("proxy")
 
@@ -39,7 +41,9 @@ async def serve(
     await api_runner.setup()
     try:
         await admin_runner.setup()
-        api_port = await api_runner.listen(config.server.host, config.server.port)
+        api_port = await api_runner.listen(
+            config.server.host, config.server.port, reuse_port=config.server.workers > 1
+        )
         admin_port = await admin_runner.listen(config.server.host, config.server.admin_port)
         log.info(
             "started",
@@ -108,8 +112,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"{path}: {problem}", file=sys.stderr)
         return 1
     proxy_logging.configure(config.logging.level, config.logging.format)
+    if config.server.workers > 1:
+        worker = partial(_serve_worker, config, path)
+        return run_workers(config.server.workers, worker, config.server.shutdown_grace_s)
+    return _serve_worker(config, path, 0)
+
+
+def _serve_worker(config: Config, path: str, index: int) -> int:
     try:
-        _run(serve(config, path))
+        _run(serve(worker_config(config, index), path))
     except OSError as exc:
         log.error("start_failed", error=str(exc))
         return 1

@@ -11,16 +11,20 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from .auth import Authenticator
-from .cache import InvoiceCache
+from .cache import Fetcher, InvoiceCache
 from .config import CallerConfig, Config, CredentialConfig
 from .credential import CredentialSource, CredentialStore, EnvSource, FileSource, running
 from .handlers import AdminHandlers, InvoiceHandler, observe
 from .metrics import Metrics
 from .upstream import Upstream
+
+if TYPE_CHECKING:
+    from .shared import SharedLevel
 
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
@@ -61,7 +65,16 @@ def init_app(
     metrics.init_callers(callers.names)
     cache = InvoiceCache(config.cache, metrics, clock=clock)
     upstream = Upstream(config.upstream, credentials, metrics)
-    invoices = InvoiceHandler(callers, cache, upstream, clock)
+    fetch: Fetcher = upstream.fetch
+    shared: SharedLevel | None = None
+    if config.shared is not None:
+        from .shared import SharedLevel, SharedMetrics, SharedStore  # loads the Redis client
+
+        shared_metrics = SharedMetrics(metrics.registry)
+        store = SharedStore(config.shared, shared_metrics, clock=clock)
+        shared = SharedLevel(config.shared, store, upstream.fetch, cache.lifetimes, shared_metrics)
+        fetch = shared.fetch
+    invoices = InvoiceHandler(callers, cache, fetch, clock)
 
     api = web.Application(middlewares=[observe(metrics)], client_max_size=1024)
     api[CONFIG] = config
@@ -73,13 +86,15 @@ def init_app(
     api.router.add_get(INVOICE_PATH, invoices.get)
     api.cleanup_ctx.append(_credentials_ctx)
     api.cleanup_ctx.append(upstream.lifetime)
+    if shared is not None:
+        api.cleanup_ctx.append(store.lifetime)  # closed after the fetches under way
     api.cleanup_ctx.append(_cache_ctx)
 
     admins = Authenticator(
         [CallerConfig("admin", config.admin.key_sha256, ("*",))] if config.admin.key_sha256 else []
     )
     openapi = resources.files("proxy").joinpath("openapi.yaml").read_bytes()
-    admin_handlers = AdminHandlers(metrics, credentials, cache, admins, openapi)
+    admin_handlers = AdminHandlers(metrics, credentials, cache, admins, openapi, shared)
     admin = web.Application(middlewares=[observe(None)], client_max_size=1024)
     admin.router.add_get("/metrics", admin_handlers.metrics)
     admin.router.add_get("/healthz", admin_handlers.healthz)

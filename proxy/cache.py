@@ -137,16 +137,23 @@ class InvoiceCache:
             self._stale.inc()
             return stale, STALE
 
-    async def _fetch(self, key: Key, fetch: Fetcher) -> Entry:
-        fetched = await fetch(*key)
+    def lifetimes(self, fetched: Fetched) -> tuple[float, float]:
+        """Until when an answer is fresh, and until when it may still be served stale."""
+        if fetched.lifetimes is not None:
+            return fetched.lifetimes  # decided by the shared cache when it first stored it
         now = self._clock()
         if fetched.status == 200:
             facts = fetched.facts
             final = facts is not None and facts.is_final(datetime.fromtimestamp(now, UTC))
             fresh_until = math.inf if final else now + self._config.open_period_ttl_s
-            stale_until = fresh_until + self._config.stale_if_error_s
-        else:
-            fresh_until = stale_until = now + self._config.not_found_ttl_s
+            return fresh_until, fresh_until + self._config.stale_if_error_s
+        expires = now + self._config.not_found_ttl_s
+        return expires, expires
+
+    async def _fetch(self, key: Key, fetch: Fetcher) -> Entry:
+        fetched = await fetch(*key)
+        now = self._clock()
+        fresh_until, stale_until = self.lifetimes(fetched)
         entry = Entry(fetched.status, fetched.body, fresh_until, stale_until, key)
         if stale_until > now:
             self._put(key, entry)

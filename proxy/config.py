@@ -11,7 +11,10 @@ import re
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from .shared import SharedConfig
 
 T = TypeVar("T")
 
@@ -41,6 +44,7 @@ class ServerConfig:
     max_line_size: int = 8190  # request line length, bytes
     max_field_size: int = 8190  # one header, bytes
     max_headers: int = 64  # headers in one request
+    workers: int = 1  # processes sharing `port` (SO_REUSEPORT); worker i's admin: admin_port + i
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +65,10 @@ class UpstreamConfig:
     strict_schema: bool = False  # true: reject anything beyond the 2025 OpenAPI document
     circuit_failures: int = 5  # consecutive failures that open the circuit
     circuit_open_s: float = 10.0  # how long it stays open before a half-open probe
+    # The fleet-wide budget, kept in Redis: used only with a [shared] table.
+    fleet_rate_per_minute: float = 300.0  # all replicas together (PlanetScale: 600/min)
+    fleet_burst: int = 10  # requests the fleet may send at once after a quiet spell
+    fleet_max_wait_s: float = 1.0  # a longer wait for the fleet budget answers 429
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +153,7 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     callers: tuple[CallerConfig, ...] = ()
+    shared: SharedConfig | None = None  # [shared]: the fleet level on Redis; None: off
 
 
 class _Section:
@@ -275,7 +284,15 @@ def _server(s: _Section) -> ServerConfig:
         max_line_size=s.integer("max_line_size", d.max_line_size, 256, 65536),
         max_field_size=s.integer("max_field_size", d.max_field_size, 256, 65536),
         max_headers=s.integer("max_headers", d.max_headers, 8, 1024),
+        workers=s.integer("workers", d.workers, 1, 64),
     )
+    if c.workers > 1:
+        if c.port == 0 or c.admin_port == 0:
+            s.problem("workers", "needs fixed ports (server.port and server.admin_port not 0)")
+        elif c.admin_port <= c.port < c.admin_port + c.workers:
+            s.problem("port", f"must not be a worker's admin port ({c.admin_port} and up)")
+        elif c.admin_port + c.workers - 1 > 65535:
+            s.problem("workers", "worker admin ports (admin_port + i) go beyond 65535")
     if c.port == c.admin_port and c.port != 0:
         s.problem("admin_port", "must differ from server.port")
     s.finish()
@@ -301,6 +318,11 @@ def _upstream(s: _Section) -> UpstreamConfig:
         strict_schema=s.boolean("strict_schema", d.strict_schema),
         circuit_failures=s.integer("circuit_failures", d.circuit_failures, 1, 10_000),
         circuit_open_s=s.number("circuit_open_s", d.circuit_open_s, 0.01, 3600),
+        fleet_rate_per_minute=s.number(
+            "fleet_rate_per_minute", d.fleet_rate_per_minute, 0.01, 1_000_000
+        ),
+        fleet_burst=s.integer("fleet_burst", d.fleet_burst, 1, 100_000),
+        fleet_max_wait_s=s.number("fleet_max_wait_s", d.fleet_max_wait_s, 0, 600),
     )
     if not re.match(r"https?://[^/\s]+", c.base_url):
         s.problem("base_url", "expected an http:// or https:// URL")
@@ -430,12 +452,17 @@ def parse_config(data: dict[str, Any]) -> Config:
     )
     lg.finish()
     callers = _callers(root)
+    shared = None
+    if "shared" in data:
+        from .shared import parse_shared  # it loads the Redis client: only when configured
+
+        shared = parse_shared(root.section("shared"), upstream)
     if not callers and not problems:
         problems.append("callers: at least one [[callers]] table is required")
     root.finish()
     if problems:
         raise ConfigError(problems)
-    return Config(server, upstream, credential, cache, admin, logging, callers)
+    return Config(server, upstream, credential, cache, admin, logging, callers, shared)
 
 
 def load_config(path: str) -> Config:

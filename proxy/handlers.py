@@ -11,6 +11,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import hdrs, web
@@ -19,12 +20,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import errors
 from .auth import Authenticator
-from .cache import HIT, Entry, InvoiceCache
+from .cache import HIT, Entry, Fetcher, InvoiceCache
 from .config import NAME_PATTERN
 from .credential import CredentialStore
 from .errors import ProxyError, error_response
 from .metrics import Metrics
-from .upstream import Upstream
+
+if TYPE_CHECKING:
+    from .shared import SharedLevel
 
 log = structlog.get_logger("proxy.access")
 
@@ -117,12 +120,12 @@ class InvoiceHandler:
         self,
         callers: Authenticator,
         cache: InvoiceCache,
-        upstream: Upstream,
+        fetch: Fetcher,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._callers = callers
         self._cache = cache
-        self._upstream = upstream
+        self._fetch = fetch
         self._clock = clock
 
     async def get(self, request: web.Request) -> web.Response:
@@ -147,9 +150,7 @@ class InvoiceHandler:
         if entry is None:
             # Upstream and credential lines logged on the way carry the request id.
             with structlog.contextvars.bound_contextvars(request_id=request[REQUEST_ID]):
-                entry, state = await self._cache.load(
-                    organization, invoice_id, self._upstream.fetch
-                )
+                entry, state = await self._cache.load(organization, invoice_id, self._fetch)
         request[CACHE] = state
         return self._answer(request, entry, _X_CACHE[state])
 
@@ -186,7 +187,9 @@ class AdminHandlers:
         cache: InvoiceCache,
         admins: Authenticator,
         openapi: bytes,
+        shared: SharedLevel | None = None,
     ) -> None:
+        self._shared = shared
         self._metrics = metrics
         self._credentials = credentials
         self._cache = cache
@@ -219,7 +222,10 @@ class AdminHandlers:
             )
         request[ORGANIZATION] = organization
         request[INVOICE_ID] = invoice_id
-        if not self._cache.purge((organization, invoice_id)):
+        found = self._cache.purge((organization, invoice_id))
+        if self._shared is not None:
+            found = await self._shared.purge(organization, invoice_id) or found
+        if not found:
             raise errors.not_found("this invoice is not cached")
         log.info("cache_purged", organization=organization, invoice_id=invoice_id)
         return web.Response(status=204)

@@ -11,9 +11,10 @@ import asyncio
 import atexit
 import logging
 import re
+import select
 import sys
 import time
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -151,10 +152,26 @@ class LineWriter:
         if self._lines:
             lines, self._lines = self._lines, []
             try:
-                self._stream.write("\n".join(lines) + "\n")
-                self._stream.flush()
+                for chunk in _whole_lines(lines, select.PIPE_BUF):
+                    self._stream.write(chunk)
+                    self._stream.flush()
             except (OSError, ValueError):
                 pass  # stdout is gone (closed pipe): logging must not take the service down
+
+
+def _whole_lines(lines: list[str], limit: int) -> Iterator[str]:
+    """The lines in as few writes as possible: whole lines, at most `limit` bytes each.
+
+    Up to PIPE_BUF bytes, a write to a pipe is atomic: with `server.workers` several
+    processes share stdout, and a longer write could interleave with another's.
+    """
+    start, size = 0, 0
+    for i, line in enumerate(lines):
+        if size and size + len(line) + 1 > limit:
+            yield "\n".join(lines[start:i]) + "\n"
+            start, size = i, 0
+        size += len(line) + 1
+    yield "\n".join(lines[start:]) + "\n"
 
 
 _writer: LineWriter | None = None

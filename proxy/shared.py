@@ -1,0 +1,607 @@
+"""The fleet level: a cache, a lock and an upstream rate budget shared by every replica.
+
+Optional (`[shared] redis_url`). It sits behind each process's local cache: a local
+hit never reaches it. On a local miss, `SharedLevel.fetch` reads Redis (or Valkey);
+on a shared miss, one replica of the fleet takes a short lock, spends a token of the
+fleet-wide budget, asks PlanetScale and writes the answer back with the same
+lifetimes as the local cache; the others wait for that answer instead of asking too.
+
+Redis is a helper, never a dependency: every command has a short timeout, a failing
+Redis is left alone for a moment (one probe a `retry_interval_s`), each outage is
+logged once, and meanwhile every request takes the local path (the local cache, then
+PlanetScale under the per-process rate cap) as if the shared level were not there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import re
+import secrets
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
+from urllib.parse import urlsplit
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.credentials import CredentialProvider
+from redis.exceptions import RedisError
+
+from . import errors
+from .cache import Fetcher
+from .config import UpstreamConfig, _Section
+from .resilience import CircuitBreaker, CircuitState
+from .upstream import Fetched
+
+log = structlog.get_logger("proxy.shared")
+
+T = TypeVar("T")
+Lifetimes = Callable[[Fetched], tuple[float, float]]
+
+# Bump when the stored value's layout changes: old entries are then simply not read.
+FORMAT_VERSION = "v1"
+# A stored answer: status, fresh_until and stale_until (Unix time, inf for final
+# invoices), then the body.
+_HEADER = struct.Struct("!Hdd")
+_NAMESPACE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# Consecutive failures that mark the store down (one stray timeout does not).
+_FAILURES = 3
+# How a replica polls for the answer another replica is fetching: the first look
+# soon, then less often (seconds).
+POLL_FIRST_S = 0.01
+POLL_MAX_S = 0.1
+
+# Get the answer, or else take the lock. One round trip for the common cases. A fetch
+# keeps its token for all its claims: if a reply was lost, the lock it took is its own.
+# KEYS: value, lock. ARGV: lock token, lock lifetime (ms).
+# Returns {1, value} (an answer), {2} (this fetch holds the lock) or {0} (another does).
+_CLAIM = """
+local value = redis.call('GET', KEYS[1])
+if value then return {1, value} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2} end
+if redis.call('GET', KEYS[2]) == ARGV[1] then return {2} end
+return {0}
+"""
+# Store an answer (when given) and drop the lock (when this replica still holds it).
+# KEYS: value, lock. ARGV: lock token or '', packed answer or '', lifetime (ms, 0: none).
+_RELEASE = """
+if ARGV[2] ~= '' then
+  if tonumber(ARGV[3]) > 0 then
+    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  else
+    redis.call('SET', KEYS[1], ARGV[2])
+  end
+end
+if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+end
+return 1
+"""
+# The fleet's upstream budget: GCRA on Redis's own clock, so replicas' clocks do not
+# matter. A request whose turn comes within max_wait books its slot and is told how
+# long to wait; a later one books nothing and is told when to come back.
+# KEYS: budget. ARGV: interval between requests (us), burst, max wait (us).
+# Returns {1, wait_us} (granted after wait_us) or {0, wait_us} (refused).
+_BUDGET = """
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local max_wait = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local new_tat = tat + interval
+local wait = new_tat - burst * interval - now
+if wait < 0 then wait = 0 end
+if wait > max_wait then return {0, math.ceil(wait)} end
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX',
+           math.ceil((new_tat - now) / 1000) + 1000)
+return {1, math.ceil(wait)}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SharedConfig:
+    redis_url: str = ""  # redis:// or rediss:// (TLS); required in a [shared] table
+    username: str = ""  # Redis ACL user; empty: the default user
+    password_file: str = ""  # holds the password, re-read for each new connection
+    ca_file: str = ""  # PEM bundle to verify a rediss:// server's certificate
+    namespace: str = "invoice-proxy"  # key prefix: several deployments can share a Redis
+    timeout_s: float = 0.05  # one Redis command, connecting included
+    max_connections: int = 32  # connection pool of each process
+    retry_interval_s: float = 1.0  # after an outage is seen, one probe this often
+    lock_ttl_s: float = 5.0  # a replica's claim on a fetch; others wait at most this
+    final_ttl_s: float = 2592000.0  # Redis lifetime of final invoices (30 days); 0: none
+    # Copied from [upstream] (see UpstreamConfig) by parse_shared.
+    fleet_rate_per_minute: float = 300.0
+    fleet_burst: int = 10
+    fleet_max_wait_s: float = 1.0
+
+
+def parse_shared(s: _Section, upstream: UpstreamConfig | None = None) -> SharedConfig:
+    """The `[shared]` table (present: the shared level is on); problems are recorded by path.
+
+    The fleet budget's keys sit in `[upstream]` beside the per-replica rate cap; they are
+    copied here, where the Redis code reads them.
+    """
+    d = SharedConfig()
+    u = upstream or UpstreamConfig()
+    s.required("redis_url")
+    c = SharedConfig(
+        redis_url=s.string("redis_url", d.redis_url),
+        username=s.string("username", d.username),
+        password_file=s.string("password_file", d.password_file),
+        ca_file=s.string("ca_file", d.ca_file),
+        namespace=s.string("namespace", d.namespace),
+        timeout_s=s.number("timeout_s", d.timeout_s, 0.001, 10),
+        max_connections=s.integer("max_connections", d.max_connections, 1, 10_000),
+        retry_interval_s=s.number("retry_interval_s", d.retry_interval_s, 0.01, 600),
+        lock_ttl_s=s.number("lock_ttl_s", d.lock_ttl_s, 0.01, 600),
+        final_ttl_s=s.number("final_ttl_s", d.final_ttl_s, 0, 86400 * 3650),
+        fleet_rate_per_minute=u.fleet_rate_per_minute,
+        fleet_burst=u.fleet_burst,
+        fleet_max_wait_s=u.fleet_max_wait_s,
+    )
+    if c.redis_url:
+        url = urlsplit(c.redis_url)
+        if url.scheme not in ("redis", "rediss") or not url.hostname:
+            s.problem("redis_url", "expected a redis:// or rediss:// (TLS) URL")
+        elif url.password is not None or url.username is not None:
+            s.problem(
+                "redis_url",
+                "must not hold credentials: name the user in shared.username and the "
+                "password's file in shared.password_file",
+            )
+        if c.ca_file and url.scheme != "rediss":
+            s.problem("ca_file", "is only used with a rediss:// URL")
+    if c.username and not c.password_file:
+        s.problem("username", "needs shared.password_file")
+    if not _NAMESPACE.fullmatch(c.namespace):
+        s.problem("namespace", "expected 1 to 64 characters of A-Z a-z 0-9 _ . -")
+    if c.lock_ttl_s <= c.fleet_max_wait_s:
+        s.problem(
+            "lock_ttl_s", "must exceed upstream.fleet_max_wait_s (the holder waits that long)"
+        )
+    s.finish()
+    return c
+
+
+class SharedMetrics:
+    """The shared level's metrics, in the service's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.lookups = Counter(
+            "invoice_proxy_shared_cache_lookups_total",
+            "Local misses looked up in the shared cache: hit, miss (this replica asked "
+            "PlanetScale), coalesced (another replica's answer awaited), unavailable.",
+            ["result"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            "invoice_proxy_shared_store_errors_total",
+            "Redis commands that failed or timed out, by operation.",
+            ["operation"],
+            registry=registry,
+        )
+        self.budget = Counter(
+            "invoice_proxy_fleet_budget_total",
+            "Upstream requests before the fleet budget: granted, waited (granted after a "
+            "short wait), refused (answered 429), unavailable (Redis down: local cap only).",
+            ["result"],
+            registry=registry,
+        )
+        self.up = Gauge(
+            "invoice_proxy_shared_store_up",
+            "1 while the shared store answers, 0 during an outage.",
+            registry=registry,
+        )
+        for result in ("hit", "miss", "coalesced", "unavailable"):
+            self.lookups.labels(result=result)
+        for operation in ("ping", "get", "claim", "release", "budget", "delete"):
+            self.errors.labels(operation=operation)
+        for result in ("granted", "waited", "refused", "unavailable"):
+            self.budget.labels(result=result)
+        self.up.set(1)
+
+
+class Unavailable(Exception):
+    """The shared store did not answer (or is being left alone); take the local path."""
+
+
+class Shared(NamedTuple):
+    """An answer from the shared cache."""
+
+    status: int
+    body: bytes
+    fresh_until: float
+    stale_until: float
+
+
+class Budget(NamedTuple):
+    """The fleet budget's answer: go (after `wait_s`), or not before `wait_s`."""
+
+    granted: bool
+    wait_s: float
+
+
+class _PasswordFile(CredentialProvider):
+    """The Redis password, read from its file for each new connection (so it can rotate)."""
+
+    def __init__(self, path: str, username: str) -> None:
+        self._path = Path(path)
+        self._username = username
+
+    def get_credentials(self) -> tuple[str] | tuple[str, str]:
+        password = self._path.read_text().strip()
+        return (self._username, password) if self._username else (password,)
+
+    async def get_credentials_async(self) -> tuple[str] | tuple[str, str]:
+        return self.get_credentials()
+
+
+def make_client(config: SharedConfig) -> Redis:
+    """A client with a bounded pool, short timeouts and no retries of its own."""
+    options: dict[str, Any] = {
+        "max_connections": config.max_connections,
+        "timeout": config.timeout_s,  # waiting for a pooled connection
+        "socket_timeout": config.timeout_s,
+        "socket_connect_timeout": config.timeout_s,
+        "retry": Retry(NoBackoff(), 0),  # ours is the circuit; a retry would double the wait
+        # A new connection costs one round trip: no HELLO (RESP2 is all we need) and no
+        # CLIENT SETINFO. A burst of misses opens many at once; redis-py's defaults make
+        # each cost ten times more, which shows as timeouts under load.
+        "protocol": 2,
+        "driver_info": None,
+    }
+    if config.password_file:
+        options["credential_provider"] = _PasswordFile(config.password_file, config.username)
+    if config.ca_file:
+        options["ssl_ca_certs"] = config.ca_file
+    return Redis.from_pool(BlockingConnectionPool.from_url(config.redis_url, **options))
+
+
+class SharedStore:
+    """Answers, locks and the fleet budget in Redis; every failure becomes `Unavailable`.
+
+    Keys: `{namespace}:v1:inv:{org:id}` holds an answer, `{namespace}:v1:lock:{org:id}`
+    the claim on its fetch (the braces make both one Redis Cluster slot), and
+    `{namespace}:v1:budget` the fleet's budget. Organization and id never hold `:`.
+    """
+
+    def __init__(
+        self,
+        config: SharedConfig,
+        metrics: SharedMetrics,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._metrics = metrics
+        self._clock = clock
+        self._monotonic = monotonic
+        self._prefix = f"{config.namespace}:{FORMAT_VERSION}"
+        self._budget_key = f"{self._prefix}:budget"
+        self._lock_ms = max(1, round(config.lock_ttl_s * 1000))
+        self._budget_args = (
+            round(60_000_000 / config.fleet_rate_per_minute),
+            config.fleet_burst,
+        )
+        self._circuit = CircuitBreaker(_FAILURES, config.retry_interval_s, monotonic)
+        self._outage_since: float | None = None
+        self._redis: Redis | None = None
+        self._claim: Any = None
+        self._release: Any = None
+        self._budget: Any = None
+
+    async def lifetime(self, _app: object = None) -> AsyncIterator[None]:
+        """aiohttp cleanup_ctx: the client (a lazy pool) lives as long as the application."""
+        client = make_client(self._config)
+        self._redis = client
+        self._claim = client.register_script(_CLAIM)
+        self._release = client.register_script(_RELEASE)
+        self._budget = client.register_script(_BUDGET)
+        try:
+            # Not reachable at start is an outage at once (logged); the service starts.
+            await self._run("ping", lambda r: r.ping(), decisive=True)
+        except Unavailable:
+            pass
+        else:
+            await self._warm_up(client)
+            log.info("shared_store_connected", namespace=self._config.namespace)
+        try:
+            yield
+        finally:
+            self._redis = None
+            await client.aclose()
+
+    async def _warm_up(self, client: Redis) -> None:
+        """Open the pool's connections now: a burst of misses then opens none of its own."""
+        pool = client.connection_pool
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(1.0):
+                connections = await asyncio.gather(
+                    *(
+                        pool.get_connection()  # type: ignore[no-untyped-call]
+                        for _ in range(self._config.max_connections)
+                    )
+                )
+                for connection in connections:
+                    await pool.release(connection)
+
+    @property
+    def available(self) -> bool:
+        """False while an outage is known (commands are then not even tried)."""
+        return self._outage_since is None
+
+    def _keys(self, organization: str, invoice_id: str) -> list[str]:
+        tag = f"{{{organization}:{invoice_id}}}"
+        return [f"{self._prefix}:inv:{tag}", f"{self._prefix}:lock:{tag}"]
+
+    async def _run(
+        self, operation: str, command: Callable[[Redis], Awaitable[T]], *, decisive: bool = False
+    ) -> T:
+        """One command within the timeout; a failure is counted, and `Unavailable`.
+
+        `_FAILURES` failures in a row are an outage (one stray timeout is not), or one
+        `decisive` failure.
+        """
+        if self._redis is None or not self._circuit.allow():
+            raise Unavailable()
+        try:
+            async with asyncio.timeout(self._config.timeout_s):
+                result = await command(self._redis)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed(operation, exc, decisive)
+            raise Unavailable() from None
+        except BaseException:
+            self._circuit.release()
+            raise
+        self._circuit.record_success()
+        if self._outage_since is not None:
+            log.info(
+                "shared_store_recovered",
+                outage_s=round(self._monotonic() - self._outage_since, 3),
+            )
+            self._outage_since = None
+            self._metrics.up.set(1)
+        return result
+
+    def _failed(self, operation: str, exc: BaseException, decisive: bool) -> None:
+        self._metrics.errors.labels(operation=operation).inc()
+        self._circuit.record_failure()
+        if self._outage_since is None and (decisive or self._circuit.state == CircuitState.OPEN):
+            self._outage_since = self._monotonic()
+            self._metrics.up.set(0)
+            # The class name says what failed (timeout, refused, auth); a message could
+            # hold an address, never a password, but is not needed.
+            log.warning(
+                "shared_store_unavailable",
+                operation=operation,
+                error=type(exc).__name__,
+                retry_interval_s=self._config.retry_interval_s,
+            )
+
+    async def ping(self) -> None:
+        await self._run("ping", lambda r: r.ping())
+
+    async def get(self, organization: str, invoice_id: str) -> Shared | None:
+        """The stored answer, or None. (Does not take the lock; see `claim`.)"""
+        key = self._keys(organization, invoice_id)[0]
+        raw = await self._run("get", lambda r: r.get(key))
+        return _unpack(raw) if isinstance(raw, bytes) else None
+
+    @staticmethod
+    def new_token() -> str:
+        """A lock token: one per fetch, kept for all its claims."""
+        return secrets.token_hex(8)
+
+    async def claim(self, organization: str, invoice_id: str, token: str) -> Shared | bool:
+        """The stored answer; else the lock: True when `token` holds it, False if another does."""
+        keys = self._keys(organization, invoice_id)
+        reply = await self._run(
+            "claim", lambda _: self._claim(keys=keys, args=[token, self._lock_ms])
+        )
+        if reply[0] == 1:
+            shared = _unpack(reply[1])
+            if shared is not None:
+                return shared
+            # Unreadable under this format version: fetch afresh and overwrite it.
+            return await self.lock(organization, invoice_id, token)
+        return bool(reply[0] == 2)
+
+    async def lock(self, organization: str, invoice_id: str, token: str) -> bool:
+        """Take the lock whatever is stored; False when another fetch holds it."""
+        key = self._keys(organization, invoice_id)[1]
+        taken = await self._run("claim", lambda r: r.set(key, token, nx=True, px=self._lock_ms))
+        return bool(taken)
+
+    async def unlock(self, organization: str, invoice_id: str, token: str) -> None:
+        """Drop the lock, if this token still holds it."""
+        await self.put(organization, invoice_id, None, token)
+
+    async def put(
+        self, organization: str, invoice_id: str, answer: Shared | None, token: str | None = None
+    ) -> None:
+        """Store an answer (kept while fresh; final ones `final_ttl_s`) and drop our lock."""
+        packed, ttl_ms = b"", 0
+        if answer is not None:
+            if answer.fresh_until == math.inf:
+                ttl_ms = round(self._config.final_ttl_s * 1000)
+            else:
+                ttl_ms = math.floor((answer.fresh_until - self._clock()) * 1000)
+                if ttl_ms <= 0:
+                    answer = None  # already stale (e.g. not_found_ttl_s = 0): not shared
+            if answer is not None:
+                packed = _HEADER.pack(answer.status, answer.fresh_until, answer.stale_until)
+                packed += answer.body
+        if not packed and not token:
+            return
+        keys = self._keys(organization, invoice_id)
+        await self._run(
+            "release", lambda _: self._release(keys=keys, args=[token or "", packed, ttl_ms])
+        )
+
+    async def delete(self, organization: str, invoice_id: str) -> bool:
+        """Drop a stored answer; False when there was none."""
+        key = self._keys(organization, invoice_id)[0]
+        return bool(await self._run("delete", lambda r: r.delete(key)))
+
+    async def take_budget(self, max_wait_s: float) -> Budget:
+        """One upstream request from the fleet's budget; see `Budget`."""
+        interval_us, burst = self._budget_args
+        args = [interval_us, burst, round(max_wait_s * 1_000_000)]
+        reply = await self._run(
+            "budget", lambda _: self._budget(keys=[self._budget_key], args=args)
+        )
+        return Budget(bool(reply[0]), int(reply[1]) / 1_000_000)
+
+
+def _unpack(raw: bytes) -> Shared | None:
+    if len(raw) < _HEADER.size:
+        return None
+    status, fresh_until, stale_until = _HEADER.unpack_from(raw)
+    return Shared(status, raw[_HEADER.size :], fresh_until, stale_until)
+
+
+class SharedLevel:
+    """`fetch(organization, id)` for `InvoiceCache.load`: the fleet's one fetch per invoice.
+
+    The local cache already makes concurrent local misses one call here; this makes
+    the calls of all replicas one upstream request. `lifetimes` is the local cache's
+    freshness rule, so both levels keep an answer exactly as long.
+    """
+
+    def __init__(
+        self,
+        config: SharedConfig,
+        store: SharedStore,
+        upstream_fetch: Fetcher,
+        lifetimes: Lifetimes,
+        metrics: SharedMetrics,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._upstream = upstream_fetch
+        self._lifetimes = lifetimes
+        self._monotonic = monotonic
+        self._sleep = sleep
+        lookups = metrics.lookups
+        self._hit = lookups.labels(result="hit")
+        self._miss = lookups.labels(result="miss")
+        self._coalesced = lookups.labels(result="coalesced")
+        self._unavailable = lookups.labels(result="unavailable")
+        budget = metrics.budget
+        self._granted = budget.labels(result="granted")
+        self._waited = budget.labels(result="waited")
+        self._refused = budget.labels(result="refused")
+        self._budget_unavailable = budget.labels(result="unavailable")
+
+    async def fetch(self, organization: str, invoice_id: str) -> Fetched:
+        """A shared answer, another replica's awaited, or this replica's own fetch."""
+        store = self._store
+        token = store.new_token()
+        try:
+            claim = await self._twice(lambda: store.claim(organization, invoice_id, token))
+        except Unavailable:
+            return await self._fetch_alone(organization, invoice_id)
+        if isinstance(claim, Shared):
+            self._hit.inc()
+            return _fetched(claim)
+        holds = claim
+        # Another replica is fetching: wait for its answer. If it dies, its lock expires
+        # within lock_ttl_s and a claim here takes it over.
+        deadline = self._monotonic() + self._config.lock_ttl_s
+        delay = POLL_FIRST_S
+        while not holds and (remaining := deadline - self._monotonic()) > 0:
+            await self._sleep(min(delay, remaining))
+            delay = min(delay * 2, POLL_MAX_S)
+            try:
+                claim = await store.claim(organization, invoice_id, token)
+            except Unavailable:
+                if not store.available:
+                    return await self._fetch_alone(organization, invoice_id)
+                continue  # a stray failure: keep waiting for the holder's answer
+            if isinstance(claim, Shared):
+                self._coalesced.inc()
+                return _fetched(claim)
+            holds = claim
+        self._miss.inc()
+        return await self._fetch_upstream(organization, invoice_id, token if holds else None)
+
+    async def _twice(self, call: Callable[[], Awaitable[T]]) -> T:
+        """A store call, once more after a stray failure: going without Redis is for outages."""
+        try:
+            return await call()
+        except Unavailable:
+            if not self._store.available:
+                raise
+            return await call()
+
+    async def _fetch_alone(self, organization: str, invoice_id: str) -> Fetched:
+        """Redis did not answer: no coordination, but the budget still if Redis allows."""
+        self._unavailable.inc()
+        await self._take_budget()  # during an outage: at once, under the local cap only
+        return await self._upstream(organization, invoice_id)
+
+    async def _fetch_upstream(
+        self, organization: str, invoice_id: str, token: str | None
+    ) -> Fetched:
+        """Ask PlanetScale within the fleet budget, then share the answer and the lock."""
+        try:
+            await self._take_budget()
+            fetched = await self._upstream(organization, invoice_id)
+        except BaseException:
+            if token is not None:
+                with contextlib.suppress(Unavailable):  # counted and logged by the store
+                    await self._store.unlock(organization, invoice_id, token)
+            raise
+        fresh_until, stale_until = self._lifetimes(fetched)
+        answer = Shared(fetched.status, fetched.body, fresh_until, stale_until)
+        # Until the answer is there (or the lock gone), the other replicas wait for it.
+        with contextlib.suppress(Unavailable):  # counted and logged by the store
+            await self._twice(lambda: self._store.put(organization, invoice_id, answer, token))
+        return replace(fetched, lifetimes=(fresh_until, stale_until))
+
+    async def _take_budget(self) -> None:
+        max_wait_s = self._config.fleet_max_wait_s
+        try:
+            budget = await self._twice(lambda: self._store.take_budget(max_wait_s))
+        except Unavailable:
+            self._budget_unavailable.inc()  # an outage: the local rate cap still holds
+            return
+        if not budget.granted:
+            self._refused.inc()
+            raise errors.rate_limited(
+                budget.wait_s,
+                "the fleet's budget of PlanetScale requests is spent; retry after the given delay",
+            )
+        if budget.wait_s > 0:
+            self._waited.inc()
+            await self._sleep(budget.wait_s)
+        else:
+            self._granted.inc()
+
+    async def purge(self, organization: str, invoice_id: str) -> bool:
+        """Drop the shared copy; False when there was none or Redis did not answer."""
+        try:
+            return await self._store.delete(organization, invoice_id)
+        except Unavailable:
+            return False
+
+
+def _fetched(shared: Shared) -> Fetched:
+    return Fetched(
+        shared.status, shared.body, None, lifetimes=(shared.fresh_until, shared.stale_until)
+    )
