@@ -144,7 +144,8 @@ async def proxy(make_proxy: ProxyFactory) -> Proxy:
 
 
 class FakeClock:
-    """Wall time that moves only when a test advances it."""
+    """Time (wall or monotonic, as the code under test reads it) that moves only when
+    the test advances it."""
 
     def __init__(self, start: float = 1_800_000_000.0) -> None:
         self.now = start

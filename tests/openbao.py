@@ -19,8 +19,6 @@ import base64
 import json
 import os
 import secrets
-import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -38,14 +36,10 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from .processes import ServerProcess, free_port
+
 BAO = Path(sys.executable).parent / "bao"
 START_TIMEOUT_S = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def unique(prefix: str) -> str:
@@ -60,10 +54,11 @@ class OpenBaoError(Exception):
         self.errors = errors
 
 
-class OpenBao:
+class OpenBao(ServerProcess):
     """A running `bao server -dev`, its address and root token, and API helpers."""
 
     def __init__(self, workdir: Path, *, port: int | None = None, tls: bool = False) -> None:
+        super().__init__()
         self.workdir = workdir
         self.port = port or free_port()
         self.tls = tls
@@ -71,8 +66,6 @@ class OpenBao:
         scheme = "https" if tls else "http"
         self.address = f"{scheme}://127.0.0.1:{self.port}"
         self.ca_file = str(workdir / "vault-ca.pem") if tls else ""
-        self.process: subprocess.Popen[bytes] | None = None
-        self._paused = False
         self._ca_pem = ""
 
     # -- lifetime -----------------------------------------------------------------
@@ -107,33 +100,10 @@ class OpenBao:
                     raise RuntimeError(f"bao did not answer within {START_TIMEOUT_S}s") from None
                 time.sleep(0.05)
 
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        if self._paused:
-            self.resume()
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self.process = None
-
     def restart(self) -> None:
         """Stop and start on the same port and root token. A dev server comes back empty."""
         self.stop()
         self.start()
-
-    def pause(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGSTOP)
-        self._paused = True
-
-    def resume(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGCONT)
-        self._paused = False
 
     @contextmanager
     def paused(self) -> Iterator[None]:

@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
+from .processes import ServerProcess, free_port
+
 START_TIMEOUT_S = 10.0
 INSTALL = "apt-get install -y --no-install-recommends redis-server (make test does it)"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def redis_server_binary() -> str:
@@ -34,16 +29,15 @@ def redis_server_binary() -> str:
     raise RuntimeError(f"redis-server is not installed: {INSTALL}")
 
 
-class RedisServer:
+class RedisServer(ServerProcess):
     """One `redis-server` process; `url` stays the same across stop() and start()."""
 
     def __init__(self, workdir: Path, *, password: str = "") -> None:
+        super().__init__()
         self.workdir = workdir
         self.port = free_port()
         self.password = password
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-        self._paused = False
 
     def start(self) -> RedisServer:
         args = [
@@ -76,31 +70,6 @@ class RedisServer:
         except OSError:
             return False
         return reply.startswith((b"+PONG", b"-NOAUTH"))
-
-    def stop(self) -> None:
-        """Stop it: connections are refused until start(), which brings it back empty."""
-        if self.process is None:
-            return
-        if self._paused:
-            self.resume()
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self.process = None
-
-    def pause(self) -> None:
-        """Hang it (SIGSTOP): connections are accepted, nothing is answered."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGSTOP)
-        self._paused = True
-
-    def resume(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGCONT)
-        self._paused = False
 
     def command(self, *args: str) -> bytes:
         """One command over a plain socket (RESP), authenticated when a password is set.

@@ -8,24 +8,11 @@ import time
 from proxy.resilience import CircuitBreaker, CircuitState
 from proxy.standin import Behaviour
 
-from .conftest import REPORTING, ProxyFactory, Upstream, invoice_path
+from .conftest import REPORTING, FakeClock, ProxyFactory, Upstream, invoice_path
 from .test_api import assert_error
 
 
-class Clock:
-    """Monotonic time that moves only when the test advances it."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def breaker(clock: Clock, changes: list[CircuitState] | None = None) -> CircuitBreaker:
+def breaker(clock: FakeClock, changes: list[CircuitState] | None = None) -> CircuitBreaker:
     """Opens after 3 consecutive failures, for 10 s; `changes` records each new state."""
     return CircuitBreaker(3, 10.0, clock, on_change=None if changes is None else changes.append)
 
@@ -37,7 +24,7 @@ def fail(circuit: CircuitBreaker, times: int) -> None:
 
 
 def test_stays_closed_below_the_failure_threshold() -> None:
-    circuit = breaker(Clock())
+    circuit = breaker(FakeClock(1000.0))
     fail(circuit, 2)
     assert circuit.state == CircuitState.CLOSED
     assert circuit.allow()
@@ -45,7 +32,7 @@ def test_stays_closed_below_the_failure_threshold() -> None:
 
 
 def test_a_success_resets_the_count_of_consecutive_failures() -> None:
-    circuit = breaker(Clock())
+    circuit = breaker(FakeClock(1000.0))
     fail(circuit, 2)
     circuit.record_success()
     fail(circuit, 2)
@@ -53,7 +40,7 @@ def test_a_success_resets_the_count_of_consecutive_failures() -> None:
 
 
 def test_opens_after_n_consecutive_failures_and_refuses_until_open_s() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     changes: list[CircuitState] = []
     circuit = breaker(clock, changes)
     fail(circuit, 3)
@@ -67,7 +54,7 @@ def test_opens_after_n_consecutive_failures_and_refuses_until_open_s() -> None:
 
 
 def test_half_open_lets_exactly_one_probe_through() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     circuit = breaker(clock)
     fail(circuit, 3)
     clock.advance(10.0)
@@ -78,7 +65,7 @@ def test_half_open_lets_exactly_one_probe_through() -> None:
 
 
 def test_a_successful_probe_closes_the_circuit() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     changes: list[CircuitState] = []
     circuit = breaker(clock, changes)
     fail(circuit, 3)
@@ -93,7 +80,7 @@ def test_a_successful_probe_closes_the_circuit() -> None:
 
 
 def test_a_failed_probe_opens_the_circuit_for_another_open_s() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     circuit = breaker(clock)
     fail(circuit, 3)
     clock.advance(10.0)
@@ -109,7 +96,7 @@ def test_a_failed_probe_opens_the_circuit_for_another_open_s() -> None:
 
 def test_a_probe_that_ends_without_a_verdict_frees_the_slot() -> None:
     """A probe answered 429 (or cancelled) neither closes nor reopens: the next may probe."""
-    clock = Clock()
+    clock = FakeClock(1000.0)
     circuit = breaker(clock)
     fail(circuit, 3)
     clock.advance(10.0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import sys
 import tomllib
 from collections.abc import AsyncIterator
@@ -27,12 +26,7 @@ from .conftest import (
     invoice_path,
     write_credential,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from .processes import free_port
 
 
 def to_toml(data: dict[str, Any], prefix: str = "") -> str:

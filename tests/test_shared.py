@@ -44,7 +44,8 @@ from proxy.workers import worker_config
 
 from . import test_deploy as deploy
 from .conftest import BILLING, Proxy, ProxyFactory, Upstream, config_dict, invoice_path
-from .redis_server import RedisServer, free_port
+from .processes import free_port
+from .redis_server import RedisServer
 from .test_process import Served, to_toml
 
 BODY = b'{"id": "inv_1", "total": 1.5}'

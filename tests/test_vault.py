@@ -20,7 +20,7 @@ from proxy.credential import Credential, CredentialError, CredentialStore, runni
 from proxy.metrics import Metrics
 from proxy.vault import VaultSource
 
-from .conftest import BILLING, Upstream, config_dict, invoice_path
+from .conftest import BILLING, FakeClock, Upstream, config_dict, invoice_path
 from .openbao import (
     OpenBao,
     TokenReviewStandIn,
@@ -34,19 +34,6 @@ from .openbao import (
 # OpenBao service tokens ("s.", Vault 1.10+ "hvs."), batch tokens ("b.", "hvb.").
 VAULT_TOKEN = re.compile(r"\b(?:hv)?[sb]\.[A-Za-z0-9_-]{20,}")
 WAIT_S = 10.0  # upper bound for anything a test waits for
-
-
-class FakeClock:
-    """A monotonic clock the test moves forward (for when a renewal is due)."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class CountingVaultSource(VaultSource):
@@ -401,7 +388,7 @@ async def test_the_login_token_is_renewed_before_its_lease_runs_out(
 ) -> None:
     path, _, policy = seeded
     config, _ = approle_config(openbao, tmp_path, path, policy, token_ttl="30s")
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     source = VaultSource(config, clock=clock)
     try:
         await source.fetch(force=True)
@@ -467,7 +454,7 @@ async def test_logs_in_again_when_renewal_fails(
 ) -> None:
     path, token, policy = seeded
     config, _ = approle_config(openbao, tmp_path, path, policy)
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     source = VaultSource(config, clock=clock)
     try:
         await source.fetch(force=True)
