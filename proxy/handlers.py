@@ -113,6 +113,20 @@ def _from_http_exception(exc: web.HTTPException) -> ProxyError:
     return ProxyError(exc.status, "internal_error", exc.reason)
 
 
+def invoice_key(request: web.Request) -> tuple[str, str]:
+    """The path's organization and id, checked against SPEC's pattern and noted for the log."""
+    info = request.match_info
+    organization = info["organization"]
+    invoice_id = info["id"]
+    if not (_valid_name(organization) and _valid_name(invoice_id)):
+        raise errors.invalid_request(
+            "organization and id must be 1 to 64 characters of A-Z a-z 0-9 _ -"
+        )
+    request[ORGANIZATION] = organization
+    request[INVOICE_ID] = invoice_id
+    return organization, invoice_id
+
+
 class InvoiceHandler:
     """`GET /v1/organizations/{organization}/invoices/{id}`: the product."""
 
@@ -131,15 +145,7 @@ class InvoiceHandler:
     async def get(self, request: web.Request) -> web.Response:
         caller = self._callers.authenticate(request.headers.get(hdrs.AUTHORIZATION))
         request[CALLER] = caller.name
-        info = request.match_info
-        organization = info["organization"]
-        invoice_id = info["id"]
-        if not (_valid_name(organization) and _valid_name(invoice_id)):
-            raise errors.invalid_request(
-                "organization and id must be 1 to 64 characters of A-Z a-z 0-9 _ -"
-            )
-        request[ORGANIZATION] = organization
-        request[INVOICE_ID] = invoice_id
+        organization, invoice_id = invoice_key(request)
         caller.authorize(organization)
         if request.body_exists:
             raise errors.invalid_request("a GET request carries no body")
@@ -214,14 +220,7 @@ class AdminHandlers:
     async def purge(self, request: web.Request) -> web.Response:
         admin = self._admins.authenticate(request.headers.get(hdrs.AUTHORIZATION))
         request[CALLER] = admin.name
-        organization = request.match_info["organization"]
-        invoice_id = request.match_info["id"]
-        if not (_valid_name(organization) and _valid_name(invoice_id)):
-            raise errors.invalid_request(
-                "organization and id must be 1 to 64 characters of A-Z a-z 0-9 _ -"
-            )
-        request[ORGANIZATION] = organization
-        request[INVOICE_ID] = invoice_id
+        organization, invoice_id = invoice_key(request)
         found = self._cache.purge((organization, invoice_id))
         if self._shared is not None:
             found = await self._shared.purge(organization, invoice_id) or found
