@@ -9,7 +9,8 @@ so a request leaves within a few microseconds of its schedule; the generator own
 core, so the spinning costs the measured server nothing.
 
 `closed_loop` fills a cache as fast as the server answers; `burst` sends one request
-on each of many connections opened beforehand, all in the same event-loop turn.
+on each of many connections opened beforehand (to one server or spread over several),
+all in the same event-loop turn.
 Keep-alive connections, no pipelining: one request in flight per connection.
 """
 
@@ -212,9 +213,15 @@ async def closed_loop(
 
 
 async def burst(
-    port: int, paths: Sequence[str], authorization: str, timeout_s: float = 30.0
+    port: int | Sequence[int], paths: Sequence[str], authorization: str, timeout_s: float = 30.0
 ) -> Answers:
-    """One request per path, each on its own connection opened beforehand, all at once."""
+    """One request per path, each on its own connection opened beforehand, all at once.
+
+    `port` is one server's, or one per path (requests spread over several servers).
+    """
+    ports = [port] * len(paths) if isinstance(port, int) else list(port)
+    if len(ports) != len(paths):
+        raise ValueError(f"{len(ports)} ports for {len(paths)} paths")
     answers = Answers()
     done = asyncio.get_running_loop().create_future()
     clock = time.perf_counter
@@ -226,11 +233,16 @@ async def burst(
         if answers.count == len(paths) and not done.done():
             done.set_result(None)
 
-    pool = await _connect(len(paths), on_answer, port)
+    pool: list[_Connection] = []
     try:
+        for each in ports:
+            pool += await _connect(1, on_answer, each)
+        requests = [
+            request_bytes(p, path, authorization) for p, path in zip(ports, paths, strict=True)
+        ]
         start = clock()
-        for connection, path in zip(pool, paths, strict=True):
-            connection.send(request_bytes(port, path, authorization), start)
+        for connection, request in zip(pool, requests, strict=True):
+            connection.send(request, start)
         await asyncio.wait_for(done, timeout_s)
         answers.elapsed_s = clock() - start
     finally:

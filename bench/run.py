@@ -10,6 +10,10 @@ between the servers, round by round:
 - hit latency p50/p99 at a fixed rate, half of the proxy's peak (open loop);
 - upstream requests caused by 500 concurrent first requests for 50 fresh invoices;
 - the proxy's resident memory before and after caching 100,000 invoices;
+- the fleet level (issue 8), with redis-server and four more proxies: local-hit
+  throughput with `[shared]` configured against without it, the latency of a shared
+  hit (a local miss answered from Redis), and the upstream requests of 300 concurrent
+  first requests for 30 fresh invoices spread over three proxies sharing one Redis;
 
 The machine may be shared: before each measurement the bench syncs the page cache
 (the request logs), and a measurement during which other processes took CPU is
@@ -27,6 +31,7 @@ import argparse
 import contextlib
 import datetime
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -81,6 +86,22 @@ MAX_TOTAL_REPEATS = 10
 QUIET_WAIT_S = 5.0  # before a repeat, wait at most this long for the others to calm down
 START_QUIET_WAIT_S = 30.0
 
+# The fleet level (issue 8): proxies sharing one redis-server.
+FLEET_ROUNDS = 4  # local-hit throughput with and without [shared]; alternating, so even
+# "Equal within noise": the median of the rounds' with/without ratios is within the
+# noise of the figure without [shared] (half the range of its rounds, relative to their
+# median), or within 5 % when the rounds agree better than that.
+FLEET_TOLERANCE = 0.05
+FLEET_LATENCY_ROUNDS = 3
+FLEET_LATENCY_INVOICES = 1000  # per round, requested one at a time
+FLEET_PROXIES = 3
+FLEET_INVOICES = 30  # fresh invoices of the three-proxy burst; a multiple of FLEET_PROXIES
+FLEET_REQUESTS = 300
+FLEET_BURST_ROUNDS = 3
+FLEET_WARM_INVOICES = 100  # misses through each of the three before their bursts
+FLEET_RATE_PER_MINUTE = 600_000.0
+FLEET_BURST = 100_000
+
 # Targets from issue 4.
 TARGET_RATIO = 0.35
 TARGET_P99_MS = 3.0
@@ -89,6 +110,8 @@ TARGET_BYTES_BEYOND_BODY = 1024
 SERVERS = ("invoice-proxy", "nginx", "bare aiohttp")
 NOTES_START = "<!-- notes: kept by bench/run.py when it rewrites this file -->"
 NOTES_END = "<!-- /notes -->"
+SOAK_START = "<!-- soak:start -->"  # bench/soak.py's markers
+SOAK_END = "<!-- soak:end -->"
 
 
 def invoice_path(invoice_id: str) -> str:
@@ -169,6 +192,40 @@ def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, byte
         return exc.code, exc.read()
 
 
+def redis_call(port: int, *args: str) -> bytes:
+    """One Redis command over a plain socket (RESP); the reply's text, errors included."""
+    parts = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        data = arg.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    with socket.create_connection(("127.0.0.1", port), timeout=2.0) as sock:
+        sock.sendall(b"".join(parts))
+        reply = b""
+        for _ in range(1000):  # bounded: a reply here is at most a few KiB
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                break
+            reply += chunk
+            head, found, rest = reply.partition(b"\r\n")
+            if not found:
+                continue
+            if not head.startswith(b"$"):
+                return head  # +OK, -ERR, :1
+            if len(rest) >= int(head[1:]) + 2:
+                return rest[: int(head[1:])]
+    raise SystemExit(f"no complete answer from Redis on port {port} to {args[0]}")
+
+
+def redis_commands(port: int) -> int:
+    """Commands Redis has run since it started, other than the bench's own INFO."""
+    calls = 0
+    for line in redis_call(port, "INFO", "commandstats").decode().splitlines():
+        name, _, stats = line.partition(":")
+        if name.startswith("cmdstat_") and name != "cmdstat_info":
+            calls += int(stats.split(",", 1)[0].removeprefix("calls="))
+    return calls
+
+
 @dataclass
 class Setup:
     """The running servers and what it takes to call them."""
@@ -176,6 +233,7 @@ class Setup:
     workdir: Path
     caller_key: str
     upstream_authorization: str
+    credential: Path = Path()
     standin_port: int = 0
     proxy_port: int = 0
     proxy_admin_port: int = 0
@@ -193,23 +251,41 @@ class Setup:
         return dict(json.loads(body))
 
     def proxy_metrics(self) -> dict[str, float]:
-        _, body = http_get(f"http://127.0.0.1:{self.proxy_admin_port}/metrics")
-        values = {}
-        for line in body.decode().splitlines():
-            if line.startswith("invoice_proxy_") and " " in line:
-                name, _, value = line.rpartition(" ")
-                values[name] = float(value)
-        return values
+        return proxy_metrics(self.proxy_admin_port)
 
 
-def proxy_config(setup: Setup, credential: Path) -> str:
+def proxy_metrics(admin_port: int) -> dict[str, float]:
+    """One proxy's `invoice_proxy_*` samples, by name with labels."""
+    _, body = http_get(f"http://127.0.0.1:{admin_port}/metrics")
+    values = {}
+    for line in body.decode().splitlines():
+        if line.startswith("invoice_proxy_") and " " in line:
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def proxy_config(
+    setup: Setup, credential: Path, port: int, admin_port: int, redis_url: str = ""
+) -> str:
+    """The bench's proxy configuration; with `redis_url`, the fleet level is on."""
     digest = hashlib.sha256(setup.caller_key.encode()).hexdigest()
+    shared = ""
+    if redis_url:
+        # The fleet budget is set far above what the bench asks: it must not throttle.
+        shared = f"""\
+fleet_rate_per_minute = {FLEET_RATE_PER_MINUTE:.1f}
+fleet_burst = {FLEET_BURST}
+
+[shared]
+redis_url = "{redis_url}"
+"""
     return f"""\
 # invoice-proxy for the benchmark; written by bench/run.py.
 [server]
 host = "127.0.0.1"
-port = {setup.proxy_port}
-admin_port = {setup.proxy_admin_port}
+port = {port}
+admin_port = {admin_port}
 max_connections = 4096
 
 [upstream]
@@ -217,7 +293,7 @@ base_url = "http://127.0.0.1:{setup.standin_port}/v1"
 # The proxy's own cap on PlanetScale traffic would throttle the fill and the burst.
 rate_per_s = 100000.0
 burst = 100000
-
+{shared}
 [credential]
 source = "file"
 
@@ -252,6 +328,30 @@ def nginx_config(setup: Setup, prefix: Path) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class Proxy:
+    """One running `invoice-proxy serve`."""
+
+    name: str
+    port: int
+    admin_port: int
+    pid: int
+
+
+def start_proxy(processes: Processes, setup: Setup, name: str, redis_url: str = "") -> Proxy:
+    """`invoice-proxy serve` on core 0, its JSON request log written to `{name}.log`."""
+    port, admin_port = free_port(), free_port()
+    config = setup.workdir / f"{name}.toml"
+    config.write_text(proxy_config(setup, setup.credential, port, admin_port, redis_url))
+    log = setup.workdir / f"{name}.log"  # the JSON request log: written, as in production
+    argv = [str(VENV_BIN / "invoice-proxy"), "serve", "--config", str(config)]
+    process = processes.start(f"invoice-proxy ({name})", pinned(SERVER_CORE, argv), log)
+    ready = f"http://127.0.0.1:{admin_port}/readyz"
+    wait_until(lambda: http_get(ready)[0] == 200, f"invoice-proxy ({name})", process, log)
+    # taskset execs the command: the same process
+    return Proxy(name, port, admin_port, process.pid)
+
+
 def start_servers(processes: Processes, setup: Setup, hot_ids: list[str]) -> None:
     work = setup.workdir
     python = sys.executable
@@ -278,20 +378,11 @@ def start_servers(processes: Processes, setup: Setup, hot_ids: list[str]) -> Non
     )
     wait_until(lambda: port_open(setup.standin_port), "the stand-in", standin, log)
 
-    credential = work / "planetscale.json"
-    credential.write_text(json.dumps({"token_id": token_id, "token": token}))
-    setup.proxy_port, setup.proxy_admin_port = free_port(), free_port()
-    config = work / "proxy.toml"
-    config.write_text(proxy_config(setup, credential))
-    log = work / "proxy.log"  # the JSON request log: written, as in production
-    proxy = processes.start(
-        "invoice-proxy",
-        pinned(SERVER_CORE, [str(VENV_BIN / "invoice-proxy"), "serve", "--config", str(config)]),
-        log,
-    )
-    ready = f"http://127.0.0.1:{setup.proxy_admin_port}/readyz"
-    wait_until(lambda: http_get(ready)[0] == 200, "invoice-proxy", proxy, log)
-    setup.proxy_pid = proxy.pid  # taskset execs the command: the same process
+    setup.credential = work / "planetscale.json"
+    setup.credential.write_text(json.dumps({"token_id": token_id, "token": token}))
+    proxy = start_proxy(processes, setup, "proxy")
+    setup.proxy_port, setup.proxy_admin_port = proxy.port, proxy.admin_port
+    setup.proxy_pid = proxy.pid
 
     prefix = work / "nginx"
     prefix.mkdir()
@@ -376,6 +467,85 @@ async def _warm_x_cache(port: int, paths: list[str], authorization: str) -> set[
 
 
 @dataclass
+class Fleet:
+    """The fleet level's figures: proxies sharing one redis-server."""
+
+    redis_version: str = ""
+    # local-hit throughput of each round (req/s), WITHOUT and WITH [shared]
+    throughput: dict[str, list[float]] = field(default_factory=dict)
+    redis_commands_on_hits: int = 0  # Redis commands during the WITH rounds (goal 0)
+    # (p50, p99) in ms of each latency round, by kind of request (LATENCY_KINDS)
+    latency: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    shared_hit_upstream: int = 0  # stand-in requests during B's shared hits (goal 0)
+    shared_reads: int = 0  # B's reads of invoices A put in Redis
+    shared_hits: int = 0  # of those, counted as shared hits by B (goal: all of them)
+    burst_upstream: list[int] = field(default_factory=list)  # per round (goal FLEET_INVOICES)
+    burst_again: list[int] = field(default_factory=list)  # the same burst again (goal 0)
+    burst_seconds: list[float] = field(default_factory=list)
+    lookups: dict[str, int] = field(default_factory=dict)  # over the proxies and the bursts
+    store_errors: int = 0  # Redis commands failed or timed out in the bursts (goal 0)
+
+    @property
+    def ratios(self) -> list[float]:
+        """WITH / WITHOUT of each round (the two measured next to each other)."""
+        return [w / o for w, o in zip(self.throughput[WITH], self.throughput[WITHOUT], strict=True)]
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios)
+
+    @property
+    def noise(self) -> float:
+        """Half the range of the rounds without [shared], relative to their median."""
+        rounds = self.throughput[WITHOUT]
+        return (max(rounds) - min(rounds)) / 2 / statistics.median(rounds)
+
+    def p(self, kind: str, q: float) -> float:
+        return statistics.median(r[0 if q == 0.5 else 1] for r in self.latency[kind])
+
+    def verdicts(self) -> list[tuple[str, bool, str]]:
+        return [
+            (
+                "local-hit throughput with [shared] equal to without, within noise"
+                f" (at least {FLEET_TOLERANCE:.0%})",
+                abs(self.ratio - 1) <= max(FLEET_TOLERANCE, self.noise),
+                f"{self.ratio:.3f}, noise ±{self.noise:.1%}",
+            ),
+            (
+                "no Redis command during local hits",
+                self.redis_commands_on_hits == 0,
+                str(self.redis_commands_on_hits),
+            ),
+            (
+                "no upstream request for shared hits",
+                self.shared_hit_upstream == 0,
+                str(self.shared_hit_upstream),
+            ),
+            (
+                f"{FLEET_INVOICES} upstream requests for {FLEET_INVOICES} fresh invoices over"
+                f" {FLEET_PROXIES} proxies, {FLEET_REQUESTS} concurrent requests",
+                all(n == FLEET_INVOICES for n in self.burst_upstream),
+                " / ".join(map(str, self.burst_upstream)),
+            ),
+            (
+                "no upstream request for the same burst again",
+                not any(self.burst_again),
+                " / ".join(map(str, self.burst_again)),
+            ),
+        ]
+
+
+WITHOUT, WITH = "without [shared]", "with [shared], Redis up"
+LATENCY_KINDS = {
+    "local hit alone": "local hit without [shared] (alone, second read)",
+    "local hit": "local hit with [shared] (B, second read)",
+    "shared hit": "**shared hit** (B: local miss, in Redis from A)",
+    "miss shared": "upstream miss through A (Redis claim, budget, stand-in, store)",
+    "miss local": "upstream miss without [shared] (stand-in)",
+}
+
+
+@dataclass
 class Results:
     started: str = ""
     throughput: dict[str, list[float]] = field(default_factory=dict)
@@ -391,6 +561,7 @@ class Results:
     metrics_before: dict[str, float] = field(default_factory=dict)
     metrics_after: dict[str, float] = field(default_factory=dict)
     profile: profile.Profile | None = None
+    fleet: Fleet = field(default_factory=Fleet)
     repeated: int = 0  # measurements repeated because other processes were busy
     worst_load: float = 0.0  # the most foreign CPU (cores) during a kept measurement
 
@@ -440,6 +611,7 @@ class Results:
                 beyond <= TARGET_BYTES_BEYOND_BODY,
                 f"{beyond:,.0f} B",
             ),
+            *self.fleet.verdicts(),
         ]
 
 
@@ -548,6 +720,9 @@ def measure(processes: Processes, setup: Setup, results: Results, want_profile: 
         results.fresh_seconds[server] = answers.elapsed_s
         print(f"  {server:14} {per_invoice} upstream requests ({answers.elapsed_s:.2f} s)")
 
+    # Before the fill: the stand-in's per-invoice counts stay small.
+    measure_fleet(processes, setup, results)
+
     if want_profile:
         results.profile = profile_proxy(setup, script)
 
@@ -563,6 +738,172 @@ def measure(processes: Processes, setup: Setup, results: Results, want_profile: 
     results.fill_seconds = answers.elapsed_s
     results.average_body = answers.body_bytes / FILL_INVOICES
     print(f"  {answers.elapsed_s:.0f} s, {FILL_INVOICES / answers.elapsed_s:,.0f} misses/s")
+
+
+def start_redis(processes: Processes, setup: Setup) -> int:
+    """redis-server on core 0 with the proxies, no persistence; its port."""
+    port = free_port()
+    log = setup.workdir / "redis.log"
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1"]
+    argv += ["--save", "", "--appendonly", "no", "--dir", str(setup.workdir)]
+    argv += ["--loglevel", "warning"]
+    redis = processes.start("redis-server", pinned(SERVER_CORE, argv), log)
+    wait_until(lambda: redis_call(port, "PING") == b"+PONG", "redis-server", redis, log)
+    return port
+
+
+def _metric_delta(before: dict[str, float], after: dict[str, float], name: str) -> int:
+    return round(after.get(name, 0.0) - before.get(name, 0.0))
+
+
+def _lookups(name: str) -> str:
+    return f'invoice_proxy_shared_cache_lookups_total{{result="{name}"}}'
+
+
+def measure_fleet(processes: Processes, setup: Setup, results: Results) -> None:
+    """The fleet level: proxies sharing one redis-server (issue 8).
+
+    "alone" has no [shared]; A, B and C share the Redis. alone and A are twins
+    otherwise: both start now, both get the same hot invoices.
+    """
+    fleet = results.fleet
+    auth = setup.authorization
+    hot_paths = [invoice_path(f"hot-{i:03d}") for i in range(HOT_INVOICES)]
+    script = setup.workdir / "hot.lua"
+
+    print("fleet: starting redis-server and four proxies ...", flush=True)
+    redis_port = start_redis(processes, setup)
+    version = re.search(r"redis_version:(\S+)", redis_call(redis_port, "INFO", "server").decode())
+    fleet.redis_version = version[1] if version else "unknown"
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    alone = start_proxy(processes, setup, "alone")
+    a, b, c = (start_proxy(processes, setup, f"fleet-{n}", url) for n in "abc")
+    sides = {WITHOUT: alone, WITH: a}
+    for proxy in sides.values():
+        first = uvloop.run(loadgen.closed_loop(proxy.port, hot_paths, auth, connections=10))
+        check_all_ok(first, f"warming {proxy.name}", HOT_INVOICES)
+        x_cache = uvloop.run(_warm_x_cache(proxy.port, hot_paths, auth))
+        if x_cache != {"HIT"}:
+            raise SystemExit(f"{proxy.name}'s hot invoices are not all cache hits: {x_cache}")
+        wrk(proxy.port, script, 2)
+    cpu.wait_for_quiet(processes.pids, NOISE_LIMIT_CORES / 2, QUIET_WAIT_S)
+
+    print(
+        f"fleet: local-hit throughput, wrk -t1 -c{WRK_CONNECTIONS} -d{WRK_DURATION_S}s:",
+        flush=True,
+    )
+    fleet.throughput = {WITHOUT: [], WITH: []}
+    for round_ in range(1, FLEET_ROUNDS + 1):
+        # Alternate which side goes first: a drift of the machine favours neither.
+        for side in (WITHOUT, WITH) if round_ % 2 else (WITH, WITHOUT):
+            port = sides[side].port
+            commands = redis_commands(redis_port)
+            rps, load = quietly(
+                processes, results, side, lambda port=port: wrk(port, script, WRK_DURATION_S)
+            )
+            if side == WITH:
+                fleet.redis_commands_on_hits += redis_commands(redis_port) - commands
+            fleet.throughput[side].append(rps)
+            print(
+                f"  round {round_} {side:24} {rps:10,.0f} req/s"
+                f"  (others: {load.foreign_cores:.2f} cores)",
+                flush=True,
+            )
+    print(
+        f"  ratio {fleet.ratio:.3f} (noise ±{fleet.noise:.1%}); Redis commands during the"
+        f" rounds with [shared]: {fleet.redis_commands_on_hits}"
+    )
+
+    n = FLEET_LATENCY_INVOICES
+    attempts = itertools.count()
+
+    def one_by_one(port: int, paths: list[str]) -> loadgen.Answers:
+        return uvloop.run(loadgen.closed_loop(port, paths, auth, connections=1))
+
+    def latency_round() -> dict[str, loadgen.Answers]:
+        attempt = next(attempts)
+        fresh = [invoice_path(f"shared-{attempt}-{i:04d}") for i in range(n)]
+        answers = {"miss shared": one_by_one(a.port, fresh)}  # now in Redis
+        upstream, metrics = setup.standin_stats()["requests"], proxy_metrics(b.admin_port)
+        answers["shared hit"] = one_by_one(b.port, fresh)
+        fleet.shared_hit_upstream += setup.standin_stats()["requests"] - upstream
+        fleet.shared_hits += _metric_delta(metrics, proxy_metrics(b.admin_port), _lookups("hit"))
+        fleet.shared_reads += n  # every attempt counts, a repeated one included
+        answers["local hit"] = one_by_one(b.port, fresh)
+        alone_paths = [invoice_path(f"alone-{attempt}-{i:04d}") for i in range(n)]
+        answers["miss local"] = one_by_one(alone.port, alone_paths)
+        answers["local hit alone"] = one_by_one(alone.port, alone_paths)
+        for kind, found in answers.items():
+            check_all_ok(found, f"fleet latency, {kind}", n)
+        return answers
+
+    print(
+        f"fleet: latency, one at a time: {n} invoices through A, then B, then B again;"
+        f" {n} others through alone, twice:"
+    )
+    for round_ in range(1, FLEET_LATENCY_ROUNDS + 1):
+        by_kind, load = quietly(processes, results, "fleet latency", latency_round)
+        for kind, got in by_kind.items():
+            p50, p99 = got.percentile(0.5) * 1000, got.percentile(0.99) * 1000
+            fleet.latency.setdefault(kind, []).append((p50, p99))
+            print(f"  round {round_} {kind:15} p50 {p50:6.3f} ms  p99 {p99:6.3f} ms", flush=True)
+        print(f"  (others: {load.foreign_cores:.2f} cores)", flush=True)
+    print(
+        f"  upstream requests during B's shared hits: {fleet.shared_hit_upstream};"
+        f" counted as shared hits by B: {fleet.shared_hits} of {fleet.shared_reads}"
+    )
+
+    proxies = (a, b, c)
+    # C has served nothing yet: the three take the burst warm, as running replicas do
+    # (a cold process's first burst is slower, and its Redis calls may time out).
+    for proxy in proxies:
+        paths = [invoice_path(f"warm-{proxy.name}-{i:03d}") for i in range(FLEET_WARM_INVOICES)]
+        warm = uvloop.run(loadgen.closed_loop(proxy.port, paths, auth, connections=10))
+        check_all_ok(warm, f"warming {proxy.name}", FLEET_WARM_INVOICES)
+    print(
+        f"fleet: {FLEET_REQUESTS} concurrent first requests for {FLEET_INVOICES} fresh"
+        f" invoices over {FLEET_PROXIES} proxies, then the same again:"
+    )
+    # Request i goes to proxy (i + i // FLEET_INVOICES) % FLEET_PROXIES: every invoice
+    # reaches every proxy, and each proxy gets the same number of requests.
+    ports = [proxies[(i + i // FLEET_INVOICES) % FLEET_PROXIES].port for i in range(FLEET_REQUESTS)]
+    fleet.lookups = dict.fromkeys(("miss", "coalesced", "hit", "unavailable"), 0)
+    errors = "invoice_proxy_shared_store_errors_total"
+    for round_ in range(1, FLEET_BURST_ROUNDS + 1):
+        ids = [f"fleet-{round_}-{i:02d}" for i in range(FLEET_INVOICES)]
+        paths = [invoice_path(ids[i % FLEET_INVOICES]) for i in range(FLEET_REQUESTS)]
+        metrics = [proxy_metrics(p.admin_port) for p in proxies]
+        before = setup.standin_stats()
+        answers = uvloop.run(loadgen.burst(ports, paths, auth))
+        middle = setup.standin_stats()
+        again = uvloop.run(loadgen.burst(ports, paths, auth))
+        after = setup.standin_stats()
+        check_all_ok(answers, "the fleet's burst", FLEET_REQUESTS)
+        check_all_ok(again, "the fleet's burst again", FLEET_REQUESTS)
+        per_invoice = sum(middle["by_invoice"].get(i, 0) for i in ids)
+        total = middle["requests"] - before["requests"]
+        if total != per_invoice:
+            raise SystemExit(f"the stand-in saw {total} requests, {per_invoice} for the burst")
+        fleet.burst_upstream.append(per_invoice)
+        fleet.burst_again.append(after["requests"] - middle["requests"])
+        fleet.burst_seconds.append(answers.elapsed_s)
+        for proxy, earlier in zip(proxies, metrics, strict=True):
+            later = proxy_metrics(proxy.admin_port)
+            for result in fleet.lookups:
+                fleet.lookups[result] += _metric_delta(earlier, later, _lookups(result))
+            fleet.store_errors += sum(
+                round(v - earlier.get(k, 0.0)) for k, v in later.items() if k.startswith(errors)
+            )
+        print(
+            f"  round {round_}: {per_invoice} upstream requests ({answers.elapsed_s:.2f} s),"
+            f" again: {fleet.burst_again[-1]}",
+            flush=True,
+        )
+    print(
+        "  shared lookups over the proxies: "
+        + ", ".join(f"{k} {v}" for k, v in fleet.lookups.items())
+        + f"; Redis errors: {fleet.store_errors}"
+    )
 
 
 def profile_proxy(setup: Setup, script: Path) -> profile.Profile | None:
@@ -685,6 +1026,57 @@ def table(results: Results) -> str:
     return "\n".join(lines)
 
 
+def fleet_lines(fleet: Fleet) -> str:
+    """The fleet subsection's figures (Markdown)."""
+    rounds = {
+        side: " / ".join(f"{r:,.0f}" for r in fleet.throughput[side]) for side in (WITHOUT, WITH)
+    }
+    n = FLEET_LATENCY_INVOICES
+    lines = [
+        f"| local-hit throughput, req/s | {WITHOUT} | {WITH} |",
+        "| --- | ---: | ---: |",
+        f"| median of {FLEET_ROUNDS} rounds"
+        f" | {statistics.median(fleet.throughput[WITHOUT]):,.0f}"
+        f" | {statistics.median(fleet.throughput[WITH]):,.0f} |",
+        f"|   rounds | {rounds[WITHOUT]} | {rounds[WITH]} |",
+        "",
+        f"With / without, median of the rounds' ratios: **{fleet.ratio:.3f}**"
+        f" (rounds: {' / '.join(f'{r:.3f}' for r in fleet.ratios)}); noise of the figure"
+        f" without [shared] (half the range of its rounds): ±{fleet.noise:.1%}. Redis"
+        f" commands during the rounds with [shared]: **{fleet.redis_commands_on_hits}**.",
+        "",
+        f"| latency, one request at a time, ms (median of {FLEET_LATENCY_ROUNDS} rounds"
+        f" of {n:,} invoices) | p50 | p99 |",
+        "| --- | ---: | ---: |",
+        *(
+            f"| {label} | {fleet.p(kind, 0.5):.3f} | {fleet.p(kind, 0.99):.3f} |"
+            for kind, label in LATENCY_KINDS.items()
+        ),
+        "",
+        "Upstream requests at the stand-in during B's shared hits:"
+        f" **{fleet.shared_hit_upstream}**; B counted {fleet.shared_hits:,} of its"
+        f" {fleet.shared_reads:,} reads as shared hits.",
+        "",
+        f"| {FLEET_PROXIES} proxies, one Redis: {FLEET_REQUESTS} concurrent first requests"
+        f" for {FLEET_INVOICES} fresh invoices |"
+        + "".join(f" round {i} |" for i in range(1, FLEET_BURST_ROUNDS + 1)),
+        "| --- |" + " ---: |" * FLEET_BURST_ROUNDS,
+        "| **upstream requests** (stand-in) |" + "".join(f" {v} |" for v in fleet.burst_upstream),
+        "| time until the last answer, s |" + "".join(f" {v:.2f} |" for v in fleet.burst_seconds),
+        "| the same requests again: upstream requests |"
+        + "".join(f" {v} |" for v in fleet.burst_again),
+        "",
+        "Shared lookups over the three proxies and the rounds: "
+        + ", ".join(f"{k} {v}" for k, v in fleet.lookups.items())
+        + " (miss: this proxy took the lock and asked the stand-in; coalesced: it waited"
+        " for another proxy's answer; hit: it found the answer already there; unavailable:"
+        " Redis was taken for down, so the proxy asked the stand-in on its own)."
+        f" Redis commands failed or timed out (`invoice_proxy_shared_store_errors_total`):"
+        f" {fleet.store_errors}.",
+    ]
+    return "\n".join(lines)
+
+
 def verdict_lines(results: Results) -> str:
     return "\n".join(
         f"- {'met' if ok else '**missed**'}: {target} ({value})"
@@ -712,16 +1104,20 @@ def profile_lines(found: profile.Profile | None) -> str:
 
 
 def write_results(results: Results, facts: dict[str, str]) -> None:
-    notes = ""
+    notes = soak = ""
     if RESULTS.exists():
         old = RESULTS.read_text()
         if NOTES_START in old and NOTES_END in old:
             notes = old.split(NOTES_START, 1)[1].split(NOTES_END, 1)[0].strip("\n")
+        if SOAK_START in old and SOAK_END in old:  # `make soak`'s section, kept as it is
+            section = old.split(SOAK_START, 1)[1].split(SOAK_END, 1)[0]
+            soak = f"\n{SOAK_START}{section}{SOAK_END}\n"
     machine_lines = "\n".join(f"- {name}: {value}" for name, value in facts.items())
+    fleet = results.fleet
     RESULTS.write_text(
         f"""# invoice-proxy benchmark
 
-Run `make bench` (it installs nginx, wrk and taskset from Debian's packages when
+Run `make bench` (it installs nginx, wrk, taskset and redis-server from Debian's packages when
 missing, then runs `.venv/bin/python -m bench.run`). This file is rewritten by
 each run; the notes section below is kept.
 
@@ -751,6 +1147,31 @@ logs (tens of MB after a throughput run) otherwise stalls both cores for millise
 
 {table(results)}
 
+## Fleet (shared level on Redis)
+
+Issue 8's figures. redis-server {fleet.redis_version} (`--save '' --appendonly no`)
+runs on core 0 with four more `invoice-proxy serve` processes, started for this
+part: "alone" without `[shared]`, and A, B and C with `[shared] redis_url` on that
+Redis (fleet budget {FLEET_RATE_PER_MINUTE:,.0f} a minute, burst {FLEET_BURST:,}, so
+that it never throttles the bench); otherwise the same configuration as above.
+Local-hit throughput: alone and A, both warmed with the {HOT_INVOICES} hot invoices,
+the same wrk runs, {FLEET_ROUNDS} rounds alternating which goes first; the ratio is
+the median of the rounds' with/without ratios, and the Redis commands are counted by
+`INFO commandstats` around each round with `[shared]`. Latency: {FLEET_LATENCY_ROUNDS}
+rounds, each requesting {FLEET_LATENCY_INVOICES:,} fresh invoices one at a time over one
+keep-alive connection (closed loop, so no queueing) through A (upstream misses that
+land in Redis), then the same through B (local misses, shared hits), then through B
+again (local hits), and {FLEET_LATENCY_INVOICES:,} other fresh ones through alone
+(upstream misses without Redis), then those through alone again (local hits
+without Redis); the stand-in answers at once. These latencies are
+one request in isolation: not comparable with the open-loop figures above. The
+three-proxy burst: A, B and C first fetch {FLEET_WARM_INVOICES} invoices each (warm, as running
+replicas are), then {FLEET_REQUESTS} requests, each on its own connection opened beforehand,
+are sent in one event-loop turn, every invoice to each of A, B and C; the stand-in
+counts the upstream requests.
+
+{fleet_lines(fleet)}
+
 ## Targets
 
 {verdict_lines(results)}
@@ -764,7 +1185,7 @@ logs (tens of MB after a throughput run) otherwise stalls both cores for millise
 {NOTES_START}
 {notes}
 {NOTES_END}
-"""
+{soak}"""
     )
 
 
@@ -785,7 +1206,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-write", action="store_true", help="do not rewrite RESULTS.md")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args(argv)
-    for tool in ("nginx", "wrk", "taskset"):
+    for tool in ("nginx", "wrk", "taskset", "redis-server"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is missing: run `make bench`, which installs it")
     if (os.cpu_count() or 1) < 2:
@@ -819,6 +1240,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print()
     print(table(results))
+    print()
+    print(fleet_lines(results.fleet))
     print()
     print(verdict_lines(results))
     if results.profile is not None:
