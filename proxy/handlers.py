@@ -167,7 +167,8 @@ class InvoiceHandler:
             raise error
         headers = {
             "ETag": entry.etag,
-            "Cache-Control": entry.cache_control_at(self._clock()),
+            # A final entry carries its header; only an open one needs the time.
+            "Cache-Control": entry.cache_control or entry.cache_control_at(self._clock()),
             "X-Cache": x_cache,
         }
         if_none_match = request.headers.get(hdrs.IF_NONE_MATCH)
