@@ -236,7 +236,7 @@ class CredentialStore:
         try:
             credential = await self.source.fetch(force)
             if credential is not None and not 0 <= credential.version <= MAX_VERSION:
-                raise CredentialError(f"version {credential.version} is out of range")
+                raise CredentialError("the credential's version is out of range")
         except Exception as exc:  # any failure of a source is a failed fetch
             self._failed(exc)
             return False
