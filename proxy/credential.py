@@ -16,16 +16,22 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import structlog
 
 from .metrics import Metrics
+from .tasks import DEFAULT_BACKOFF, Backoff, raised_at, safe_reason, start, stop, supervise
 
 log = structlog.get_logger("proxy.credential")
 
 # A token id and token are short ASCII strings; anything else is a broken file.
 _MAX_FIELD_LEN = 512
+# A KV version is a small counter; beyond 2**53 a gauge cannot show it exactly.
+MAX_VERSION = 2**53
+# This many failed fetches in a row (with backoff: seconds for a file, minutes for
+# Vault) are a persistent failure that /readyz reports; one half-written file is not.
+PERSISTENT_FAILURES = 3
 
 
 class CredentialError(Exception):
@@ -161,8 +167,10 @@ class FileSource:
             raise CredentialError(f"file {self._path} is empty")
         try:
             data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):
             # The message of a JSON error can quote the document: do not pass it on.
+            # RecursionError: nesting deeper than the parser goes; ValueError covers
+            # bad UTF-8 and integers longer than Python converts.
             raise CredentialError(f"file {self._path} is not valid JSON") from None
         try:
             credential = credential_from_fields(data)
@@ -177,12 +185,23 @@ class FileSource:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class ReloadTrouble:
+    """Fetches have failed `failures` times in a row since `since` (Unix time)."""
+
+    reason: str  # safe to log and to show on /readyz
+    since: float
+    failures: int
+
+
 class CredentialStore:
     """Holds the credential in use and keeps it current.
 
     `current` is None until a first fetch succeeds. `run()` is the background refresher
-    (poll with jitter, back off on failure). `reload_after_rejection(c)` is called when
-    PlanetScale refused `c`: under a lock, so a burst of refusals costs one fetch.
+    (poll with jitter, back off on failure), supervised so that no exception ends it.
+    `reload_after_rejection(c)` is called when PlanetScale refused `c`: under a lock, so
+    a burst of refusals costs one fetch. Whatever a source raises is a failed fetch:
+    counted, logged with a safe reason, and the last good credential is kept.
     """
 
     def __init__(
@@ -192,16 +211,20 @@ class CredentialStore:
         *,
         clock: Callable[[], float] = time.time,
         max_backoff_s: float = 60.0,
+        task_backoff: Backoff = DEFAULT_BACKOFF,
     ) -> None:
         self.source = source
         self._metrics = metrics
         self._clock = clock
         self._max_backoff_s = max_backoff_s
+        self._task_backoff = task_backoff
         self.current: Credential | None = None
         self.not_ready_reason: str = "no credential loaded yet"
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
-        self._failures = 0
+        self._failures = 0  # failed fetches in a row
+        self._failing_since = 0.0
+        self._last_reason = ""
         self._fetches = 0  # fetches finished, successful or not
 
     async def refresh(self, force: bool = False) -> bool:
@@ -212,20 +235,10 @@ class CredentialStore:
     async def _refresh_locked(self, force: bool) -> bool:
         try:
             credential = await self.source.fetch(force)
-        except CredentialError as exc:
-            self._fetches += 1
-            self._failures += 1
-            self._metrics.credential_reloads.labels(result="failure").inc()
-            reason = str(exc)
-            if self.current is None:
-                self.not_ready_reason = reason
-            log.warning(
-                "credential_reload_failed",
-                source=self.source.name,
-                reason=reason,
-                keeping_last=self.current is not None,
-                failures=self._failures,
-            )
+            if credential is not None and not 0 <= credential.version <= MAX_VERSION:
+                raise CredentialError("the credential's version is out of range")
+        except Exception as exc:  # any failure of a source is a failed fetch
+            self._failed(exc)
             return False
         self._fetches += 1
         self._failures = 0
@@ -247,6 +260,39 @@ class CredentialStore:
             )
         return True
 
+    def _failed(self, exc: Exception) -> None:
+        self._fetches += 1
+        self._failures += 1
+        if self._failures == 1:
+            self._failing_since = self._clock()
+        self._metrics.credential_reloads.labels(result="failure").inc()
+        if isinstance(exc, CredentialError):
+            reason = str(exc)
+            extra: dict[str, str] = {}
+        else:
+            # A source's own bug or a library's surprise: its message may quote what it
+            # was parsing, so only the class and the line that raised it are told.
+            reason = f"the {self.source.name} source failed: {safe_reason(exc)}"
+            extra = {"error": type(exc).__name__, "at": raised_at(exc)}
+        self._last_reason = reason
+        if self.current is None:
+            self.not_ready_reason = reason
+        log.warning(
+            "credential_reload_failed",
+            source=self.source.name,
+            reason=reason,
+            keeping_last=self.current is not None,
+            failures=self._failures,
+            **extra,
+        )
+
+    @property
+    def trouble(self) -> ReloadTrouble | None:
+        """A persistent failure to fetch (`PERSISTENT_FAILURES` in a row), else None."""
+        if self._failures < PERSISTENT_FAILURES:
+            return None
+        return ReloadTrouble(self._last_reason, self._failing_since, self._failures)
+
     async def reload_after_rejection(self, rejected: Credential) -> Credential | None:
         """PlanetScale refused `rejected`: make sure we hold the newest credential.
 
@@ -260,6 +306,8 @@ class CredentialStore:
                 return self.current
             if self._fetches != fetches:
                 return self.current
+            # Never raises: a failed reload keeps the refused credential, the caller's
+            # retry is refused again and answered 502 upstream_credential_rejected.
             await self._refresh_locked(force=True)
             return self.current
 
@@ -276,28 +324,41 @@ class CredentialStore:
         # +-10% so replicas started together do not poll in step.
         return base * random.uniform(0.9, 1.1)
 
-    async def run(self) -> None:
-        """Refresh forever; cancelled at shutdown."""
-        while True:
-            delay = self._next_delay()
-            try:
+    async def run(self) -> NoReturn:
+        """Refresh forever, supervised; cancelled at shutdown."""
+        await supervise(
+            "credential_refresher",
+            self._step,
+            self._metrics,
+            backoff=self._task_backoff,
+            sleep=self._pause,
+            safe_errors=(CredentialError,),
+        )
+
+    async def _step(self) -> None:
+        # A wake that came during the supervisor's pause is served at once.
+        if not self._wake.is_set():
+            delay = self._next_delay()  # first: if it raises, no wait() is left unawaited
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
-                force = True
-            except TimeoutError:
-                force = False
-            self._wake.clear()
-            await self.refresh(force=force)
+        force = self._wake.is_set()
+        # Cleared before the fetch: a step that fails cannot turn one SIGHUP into a spin.
+        self._wake.clear()
+        await self.refresh(force=force)
+
+    async def _pause(self, delay: float) -> None:
+        """The supervisor's backoff; a SIGHUP ends it (and is served by the next step)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=delay)
 
 
 @asynccontextmanager
 async def running(store: CredentialStore) -> AsyncIterator[CredentialStore]:
     """First fetch, then the refresher in the background until the block ends."""
     await store.refresh(force=True)
-    task = asyncio.create_task(store.run(), name="credential-refresher")
+    task = start("credential_refresher", store.run())
     try:
         yield store
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop(task)
         await store.source.aclose()

@@ -11,6 +11,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import structlog
@@ -216,7 +217,22 @@ class AdminHandlers:
             return web.json_response(
                 {"status": "not_ready", "reason": self._credentials.not_ready_reason}, status=503
             )
-        return web.json_response({"status": "ready"})
+        trouble = self._credentials.trouble
+        if trouble is None:
+            return web.json_response({"status": "ready"})
+        # Still 200: the last good credential and the cache still serve. A 503 here on
+        # every replica during a Vault outage would empty the Service of all of them.
+        return web.json_response(
+            {
+                "status": "ready",
+                "warning": "credential_reload_failing",
+                "reason": trouble.reason,
+                "failing_since": datetime.fromtimestamp(trouble.since, UTC).isoformat(
+                    timespec="seconds"
+                ),
+                "failures": trouble.failures,
+            }
+        )
 
     async def purge(self, request: web.Request) -> web.Response:
         admin = self._admins.authenticate(request.headers.get(hdrs.AUTHORIZATION))

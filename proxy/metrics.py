@@ -29,6 +29,8 @@ REQUEST_BUCKETS = (
 UPSTREAM_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0)
 
 CACHE_RESULTS = ("hit", "miss", "stale", "none")
+# Every long-lived task (proxy.tasks.supervise): the `task` label of its failure count.
+BACKGROUND_TASKS = ("credential_refresher",)
 
 
 class Metrics:
@@ -136,6 +138,12 @@ class Metrics:
             "Times PlanetScale refused the proxy's token (401/403).",
             registry=r,
         )
+        self.background_task_failures = Counter(
+            "invoice_proxy_background_task_failures_total",
+            "Exceptions a long-lived task survived (logged, backed off, retried), by task.",
+            ["task"],
+            registry=r,
+        )
         self.caller_throttled = Counter(
             "invoice_proxy_caller_rate_limited_total",
             "Requests refused because the caller exceeded its own rate limit.",
@@ -146,6 +154,8 @@ class Metrics:
         # (rate() over a series that appears late misses its first increments).
         for result in ("success", "failure"):
             self.credential_reloads.labels(result=result)
+        for task in BACKGROUND_TASKS:
+            self.background_task_failures.labels(task=task)
         for result in ("hit", "miss", "stale", "coalesced"):
             self.cache_lookups.labels(result=result)
         self._duration = {c: self.request_duration.labels(cache=c) for c in CACHE_RESULTS}

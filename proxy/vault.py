@@ -26,7 +26,7 @@ import aiohttp
 import structlog
 
 from .config import VaultConfig
-from .credential import Credential, CredentialError, credential_from_fields
+from .credential import MAX_VERSION, Credential, CredentialError, credential_from_fields
 
 log = structlog.get_logger("proxy.vault")
 
@@ -39,6 +39,12 @@ _MAX_BODY_BYTES = 1024 * 1024
 _MAX_SECRET_FILE_BYTES = 64 * 1024
 # Vault's own error text goes into reasons; a long one is cut.
 _MAX_REASON_CHARS = 200
+_MAX_ERRORS = 5
+# A lease longer than this (ten years) is not a Vault answer; it would also overflow
+# the clock arithmetic of a renewal.
+_MAX_LEASE_S = 10 * 365 * 24 * 3600
+# A Vault token is a few hundred characters at most (a batch token is the longest).
+_MAX_TOKEN_CHARS = 4096
 _MULTIERROR_HEADER = re.compile(r"^\s*\d+ errors? occurred:")
 _MULTIERROR_ITEM = re.compile(r"\n\s*\*\s+")
 
@@ -189,13 +195,18 @@ class VaultSource:
             raise CredentialError(
                 f"Vault at {address} did not answer within {self._config.timeout_s:g}s"
             ) from None
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            # OSError: a socket or TLS error aiohttp did not wrap; ValueError: a header
+            # value aiohttp refuses to send. The class says which; a message could
+            # quote what was sent.
             raise CredentialError(
                 f"request to Vault at {address} failed ({type(exc).__name__})"
             ) from None
         try:
             body = json.loads(raw) if raw else {}
-        except ValueError:
+        except (ValueError, RecursionError):
+            # Not JSON, bad UTF-8, an integer too long to convert, or nesting deeper
+            # than the parser goes.
             body = None
         if not isinstance(body, dict):
             if status == 200:
@@ -297,9 +308,16 @@ class VaultSource:
             client_token = auth.get("client_token")
             if not isinstance(client_token, str) or not client_token:
                 raise CredentialError(f"{what}: the answer has no client_token")
+            if (
+                len(client_token) > _MAX_TOKEN_CHARS
+                or not client_token.isascii()
+                or not client_token.isprintable()
+            ):
+                # It would go into a header: a control character would break the request.
+                raise CredentialError(f"{what}: the answer's client_token is not a token")
             token = _Secret(client_token)
         lease = auth.get("lease_duration")
-        if not isinstance(lease, int) or isinstance(lease, bool) or lease < 0:
+        if not isinstance(lease, int) or isinstance(lease, bool) or not 0 <= lease <= _MAX_LEASE_S:
             raise CredentialError(f"{what}: the answer has no valid lease_duration")
         renewable = auth.get("renewable") is True
         renew_at = self._clock() + lease * RENEW_AT if lease else None
@@ -313,13 +331,15 @@ class VaultSource:
         metadata = data.get("metadata") if isinstance(data, dict) else None
         version = metadata.get("version") if isinstance(metadata, dict) else None
         if status == 404:
-            if isinstance(version, int):
+            if isinstance(version, int) and 0 < version <= MAX_VERSION:
                 raise CredentialError(f"Vault secret {where}: version {version} is deleted")
             raise CredentialError(f"Vault has no secret at {where} (HTTP 404)")
         if status != 200:
             raise CredentialError(_http_reason(f"Vault read of {where}", status, body))
         if not isinstance(data, dict) or not isinstance(version, int) or isinstance(version, bool):
             raise CredentialError(f"Vault secret {where}: not a KV version 2 answer (no version)")
+        if not 0 < version <= MAX_VERSION:
+            raise CredentialError(f"Vault secret {where}: the version is out of range")
         fields = data.get("data")
         if fields is None:
             raise CredentialError(f"Vault secret {where}: version {version} is deleted")
@@ -338,7 +358,8 @@ class VaultSource:
 
 def _http_reason(what: str, status: int, body: dict[str, Any]) -> str:
     errors = body.get("errors")
-    text = "; ".join(errors) if isinstance(errors, list) else ""
+    # A few errors say what is wrong; thousands would only flood the log line.
+    text = "; ".join(errors[:_MAX_ERRORS]) if isinstance(errors, list) else ""
     if 300 <= status < 400:
         # A standby that does not forward requests redirects to the active node. The
         # token is not sent after a redirect, wherever it points.

@@ -41,6 +41,9 @@ async def wait_until(predicate: object, timeout: float = 5.0) -> None:
         ('{"token_id": "a", "token": "  "}', "field 'token' is empty"),
         ('{"token_id": "a", "token": 5}', "field 'token' is not a string"),
         ('["a", "b"]', "expected a JSON object"),
+        # The parser's own limits: nesting deeper than it goes, an integer too long.
+        ("[" * 60_000, "is not valid JSON"),
+        ('{"token_id": "a", "token": ' + "1" * 5000 + "}", "is not valid JSON"),
     ],
 )
 async def test_bad_file_is_refused_with_a_reason_and_never_the_value(

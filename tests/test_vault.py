@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import re
 import secrets
 from collections import Counter
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 import structlog
+from aiohttp import web
 
 from proxy.app import ADMIN_APP, init_app
 from proxy.config import VaultConfig, parse_config
@@ -819,3 +821,133 @@ async def test_rotations_under_load_fail_no_caller_request(
     assert source.fetches <= elapsed / 0.9 + 1 + 5
     known = [secret_id, *(t["token"] for t in tokens)]
     assert_no_secrets(log_texts(logs), known)
+
+
+# -- a Vault that answers what no Vault sends ---------------------------------------------
+
+_GOOD_LOGIN = {"auth": {"client_token": "s.hostileVaultToken0123456789", "lease_duration": 3600}}
+_GOOD_SECRET = {"data": {"data": planetscale_token(), "metadata": {"version": 3}}}
+
+
+class HostileVault:
+    """A stand-in Vault whose login and KV answers are whatever the test sets."""
+
+    def __init__(self) -> None:
+        self.login = json.dumps(_GOOD_LOGIN).encode()
+        self.secret = json.dumps(_GOOD_SECRET).encode()
+        self.secret_status = 200
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/auth/approle/login", self._login)
+        app.router.add_get("/v1/secret/data/planetscale", self._secret)
+        return app
+
+    async def _login(self, _request: web.Request) -> web.Response:
+        return web.Response(body=self.login, content_type="application/json")
+
+    async def _secret(self, _request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.secret, status=self.secret_status, content_type="application/json"
+        )
+
+
+def _secret_with_version(version: str) -> bytes:
+    fields = json.dumps(planetscale_token())
+    return b'{"data": {"data": %s, "metadata": {"version": %s}}}' % (
+        fields.encode(),
+        version.encode(),
+    )
+
+
+@pytest.mark.parametrize(
+    ("login", "secret", "reason"),
+    [
+        (None, b"[" * 100_000, "answered with a body that is not JSON"),
+        (None, b'{"data": ' * 50_000, "answered with a body that is not JSON"),
+        (None, b"1" * 5000, "answered with a body that is not JSON"),
+        (None, _secret_with_version("1" + "0" * 400), "the version is out of range"),
+        (None, _secret_with_version("-1"), "the version is out of range"),
+        (
+            b'{"auth": {"client_token": "s.x", "lease_duration": 1%s}}' % (b"0" * 400),
+            None,
+            "no valid lease_duration",
+        ),
+        (
+            b'{"auth": {"client_token": "s.abc\\r\\nX-Injected: 1", "lease_duration": 60}}',
+            None,
+            "client_token is not a token",
+        ),
+        (b"[" * 100_000, None, "answered with a body that is not JSON"),
+    ],
+    ids=[
+        "deep-list",
+        "deep-object",
+        "long-integer",
+        "huge-version",
+        "negative-version",
+        "huge-lease",
+        "token-with-crlf",
+        "deep-login",
+    ],
+)
+async def test_a_hostile_vault_answer_is_a_credential_error_with_a_safe_reason(
+    aiohttp_server: Any,
+    tmp_path: Path,
+    logs: list[MutableMapping[str, Any]],
+    login: bytes | None,
+    secret: bytes | None,
+    reason: str,
+) -> None:
+    vault = HostileVault()
+    vault.login = login or vault.login
+    vault.secret = secret or vault.secret
+    server = await aiohttp_server(vault.app())
+    secret_id = tmp_path / "secret-id"
+    secret_id.write_text(secrets.token_hex(16))
+    config = VaultConfig(
+        address=f"http://127.0.0.1:{server.port}",
+        mount="secret",
+        path="planetscale",
+        auth="approle",
+        role_id="role",
+        secret_id_file=str(secret_id),
+        timeout_s=2.0,
+    )
+    metrics = Metrics()
+    store = CredentialStore(VaultSource(config), metrics)
+    async with running(store):
+        assert store.current is None
+        assert reason in store.not_ready_reason
+        assert metric(metrics, 'invoice_proxy_credential_reloads_total{result="failure"}') == 1
+    failed = events(logs, "credential_reload_failed")
+    assert [reason in e["reason"] for e in failed] == [True]
+    assert "error" not in failed[0]  # a known failure, not an unexpected class
+    assert_no_secrets(log_texts(logs), [secret_id.read_text(), "s.abc"])
+
+
+async def test_a_flood_of_vault_errors_gives_a_bounded_reason(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    vault = HostileVault()
+    vault.secret = json.dumps({"errors": ["permission denied " * 20] * 2_000}).encode()
+    vault.secret_status = 403
+    server = await aiohttp_server(vault.app())
+    secret_id = tmp_path / "secret-id"
+    secret_id.write_text(secrets.token_hex(16))
+    config = VaultConfig(
+        address=f"http://127.0.0.1:{server.port}",
+        mount="secret",
+        path="planetscale",
+        auth="approle",
+        role_id="role",
+        secret_id_file=str(secret_id),
+        timeout_s=2.0,
+    )
+    source = VaultSource(config)
+    try:
+        with pytest.raises(CredentialError, match="HTTP 403") as caught:
+            await source.fetch(force=True)
+    finally:
+        await source.aclose()
+    assert len(str(caught.value)) < 1500
