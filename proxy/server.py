@@ -7,18 +7,28 @@ a graceful shutdown that lets in-flight requests finish within `shutdown_grace_s
 
 A request aiohttp cannot parse never reaches the application's middleware; it is
 answered here in SPEC's JSON error shape, with a fixed message: aiohttp's own quotes
-the offending bytes, which may hold a caller key.
+the offending bytes, which may hold a caller key. So is an `Expect` other than
+`100-continue` (aiohttp answers it before the middleware, in text that echoes it), and
+a method token the parser does not know (`FOO /path HTTP/1.1`: 405, as for any other
+method but GET and HEAD).
+
+One case aiohttp makes impossible to answer: when a read holds a complete request and
+then a malformed one, its parser raises for the whole read and the complete request is
+lost with it; only the 400 is answered, and the connection is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
-from aiohttp import web
-from aiohttp.http_exceptions import LineTooLong
+from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion11
+from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
@@ -29,6 +39,10 @@ from .errors import ProxyError, error_response
 from .handlers import new_request_id
 
 log = structlog.get_logger("proxy.server")
+
+# A request line whose method is a valid token (RFC 9110 5.6.2) that llhttp does not
+# know: such a request is well formed, and its answer is 405, not 400.
+_TOKEN_REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [!-~]+ HTTP/1\.[01]\r?\n")
 
 
 class ProxyRunner(web.AppRunner):
@@ -50,7 +64,8 @@ class ProxyRunner(web.AppRunner):
     async def _make_server(self) -> Server:
         # aiohttp builds its Server (after the application's start-up); ours is the same
         # with its own protocol class, which aiohttp offers no other way to choose.
-        return _Server(await super()._make_server(), self._config)
+        allow = sorted({route.method for route in self.app.router.routes()} - {"*"})
+        return _Server(await super()._make_server(), self._config, ", ".join(allow))
 
     async def listen(self, host: str, port: int, *, reuse_port: bool = False) -> int:
         """Bind host:port (0: a free port), start serving, return the bound port."""
@@ -71,9 +86,9 @@ class ProxyRunner(web.AppRunner):
 class _Server(Server):
     """aiohttp's Server with the connection cap and `_Protocol` for each connection."""
 
-    def __init__(self, base: Server, config: ServerConfig) -> None:
+    def __init__(self, base: Server, config: ServerConfig, allow: str) -> None:
         super().__init__(
-            base.request_handler,
+            _checking_expect(base.request_handler),
             request_factory=base.request_factory,
             handler_cancellation=base.handler_cancellation,
             loop=base._loop,
@@ -81,9 +96,16 @@ class _Server(Server):
         )
         self._cap = config.max_connections
         self._head_timeout_s = config.request_timeout_s
+        self._allow = allow
 
     def __call__(self) -> RequestHandler:
-        return _Protocol(self, head_timeout_s=self._head_timeout_s, loop=self._loop, **self._kwargs)
+        return _Protocol(
+            self,
+            head_timeout_s=self._head_timeout_s,
+            allow=self._allow,
+            loop=self._loop,
+            **self._kwargs,
+        )
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
@@ -95,12 +117,17 @@ class _Server(Server):
 class _Protocol(RequestHandler):
     """One connection: aiohttp's HTTP/1.1, a time limit per request head, JSON errors."""
 
-    __slots__ = ("_head_timeout_s", "_head_timer")
+    __slots__ = ("_allow", "_head_timeout_s", "_head_timer", "_last_data")
 
-    def __init__(self, manager: Server, *, head_timeout_s: float, **kwargs: Any) -> None:
+    def __init__(
+        self, manager: Server, *, head_timeout_s: float, allow: str, **kwargs: Any
+    ) -> None:
         super().__init__(manager, **kwargs)
         self._head_timeout_s = head_timeout_s
         self._head_timer: asyncio.TimerHandle | None = None
+        self._allow = allow
+        # The last bytes read, kept (not copied) only to tell an unknown method from junk.
+        self._last_data = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -115,6 +142,7 @@ class _Protocol(RequestHandler):
         # only when a chunk leaves a head incomplete, and runs until the head is parsed.
         # Between requests the keep-alive timeout applies instead.
         heads = self._request_count
+        self._last_data = data
         super().data_received(data)
         if self._request_count != heads:
             self._stop_head_timer()
@@ -148,10 +176,37 @@ class _Protocol(RequestHandler):
         if request.writer.output_size > 0:
             raise ConnectionError("the answer had started; the connection is dropped")
         error = _protocol_error(status, exc)
+        if isinstance(exc, BadHttpMethod) and _TOKEN_REQUEST_LINE.match(self._last_data):
+            error = errors.method_not_allowed(self._allow)
         log.info("request_refused", status=error.status, reason=error.message)
         response = error_response(error, new_request_id())
         response.force_close()
         return response
+
+
+Handler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
+
+
+def _checking_expect(handler: Handler) -> Handler:
+    """Refuse an `Expect` other than `100-continue` in SPEC's shape, before aiohttp does.
+
+    aiohttp checks `Expect` before the middleware runs and answers a plain-text 417
+    that echoes the value. As aiohttp does, only HTTP/1.1 requests are checked.
+    """
+
+    async def handle(request: BaseRequest) -> web.StreamResponse:
+        expect = request.headers.get(hdrs.EXPECT)
+        if (
+            expect is not None
+            and request.version == HttpVersion11
+            and expect.lower() != "100-continue"
+        ):
+            error = ProxyError(417, "invalid_request", "only Expect: 100-continue is supported")
+            log.info("request_refused", status=error.status, reason=error.message)
+            return error_response(error, new_request_id())
+        return await handler(request)
+
+    return handle
 
 
 def _protocol_error(status: int, exc: BaseException | None) -> ProxyError:
