@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+import redis
+
 from . import cpu
 
 T = TypeVar("T")
@@ -159,7 +161,7 @@ def wait_until(
         if process.poll() is not None:
             tail = log.read_text(errors="replace")[-2000:]
             raise BenchError(f"{what} exited with {process.returncode}:\n{tail}")
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, redis.ConnectionError, redis.TimeoutError):
             if check():
                 return
         time.sleep(0.05)
@@ -400,50 +402,44 @@ def start_servers(
     )
 
 
-def redis_call(port: int, *args: str) -> bytes:
-    """One Redis command over a plain socket (RESP); the reply's text, errors included."""
-    parts = [f"*{len(args)}\r\n".encode()]
-    for arg in args:
-        data = arg.encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    with socket.create_connection(("127.0.0.1", port), timeout=2.0) as sock:
-        sock.sendall(b"".join(parts))
-        reply = b""
-        for _ in range(1000):  # bounded: a reply here is at most a few KiB
-            chunk = sock.recv(1 << 16)
-            if not chunk:
-                break
-            reply += chunk
-            head, found, rest = reply.partition(b"\r\n")
-            if not found:
-                continue
-            if not head.startswith(b"$"):
-                return head  # +OK, -ERR, :1
-            if len(rest) >= int(head[1:]) + 2:
-                return rest[: int(head[1:])]
-    raise BenchError(f"no complete answer from Redis on port {port} to {args[0]}")
+@dataclass(frozen=True)
+class RedisServer:
+    """A running redis-server and a client for the bench's own questions."""
+
+    port: int
+    client: redis.Redis
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def version(self) -> str:
+        return str(self.client.info("server").get("redis_version", "unknown"))
+
+    def commands(self) -> int:
+        """Commands Redis has run since it started, other than the bench's own INFO."""
+        stats = self.client.info("commandstats")
+        return sum(
+            int(value["calls"])
+            for name, value in stats.items()
+            if name.startswith("cmdstat_") and name != "cmdstat_info"
+        )
 
 
-def redis_commands(port: int) -> int:
-    """Commands Redis has run since it started, other than the bench's own INFO."""
-    calls = 0
-    for line in redis_call(port, "INFO", "commandstats").decode().splitlines():
-        name, _, stats = line.partition(":")
-        if name.startswith("cmdstat_") and name != "cmdstat_info":
-            calls += int(stats.split(",", 1)[0].removeprefix("calls="))
-    return calls
-
-
-def start_redis(processes: Processes, workdir: Path) -> int:
-    """redis-server on core 0 with the proxies, no persistence; its port."""
+def start_redis(processes: Processes, workdir: Path) -> RedisServer:
+    """redis-server on core 0 with the proxies, no persistence."""
     port = free_port()
     log = workdir / "redis.log"
     argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1"]
     argv += ["--save", "", "--appendonly", "no", "--dir", str(workdir)]
     argv += ["--loglevel", "warning"]
-    redis = processes.start("redis-server", pinned(SERVER_CORE, argv), log)
-    wait_until(lambda: redis_call(port, "PING") == b"+PONG", "redis-server", redis, log)
-    return port
+    process = processes.start("redis-server", pinned(SERVER_CORE, argv), log)
+    # One connection for the run, opened by the PING below (with redis-py's HELLO), so
+    # the bench's own commands after it are the INFO that `commands` leaves out;
+    # driver_info=None: no CLIENT SETINFO.
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2.0, driver_info=None)
+    wait_until(lambda: bool(client.ping()), "redis-server", process, log)
+    return RedisServer(port, client)
 
 
 def wrk_script(path: Path, paths: list[str], authorization: str) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +35,6 @@ from .harness import (
     Servers,
     invoice_path,
     metric_sum,
-    redis_call,
-    redis_commands,
     rss_bytes,
     start_redis,
     wrk,
@@ -227,12 +224,10 @@ def fleet(bench: Bench, results: Results) -> None:
     processes, servers = bench.processes, bench.servers
 
     print("fleet: starting redis-server and four proxies ...", flush=True)
-    redis_port = start_redis(processes, servers.workdir)
-    version = re.search(r"redis_version:(\S+)", redis_call(redis_port, "INFO", "server").decode())
-    figures.redis_version = version[1] if version else "unknown"
-    url = f"redis://127.0.0.1:{redis_port}/0"
+    redis = start_redis(processes, servers.workdir)
+    figures.redis_version = redis.version()
     alone = servers.start_proxy(processes, "alone")
-    a, b, c = (servers.start_proxy(processes, f"fleet-{n}", url) for n in "abc")
+    a, b, c = (servers.start_proxy(processes, f"fleet-{n}", redis.url) for n in "abc")
     sides = {WITHOUT: alone, WITH: a}
     for proxy in sides.values():
         _fetch_all(bench, proxy.port, bench.hot_paths, proxy.name)
@@ -250,10 +245,10 @@ def fleet(bench: Bench, results: Results) -> None:
         # Alternate which side goes first: a drift of the machine favours neither.
         for side in (WITHOUT, WITH) if round_ % 2 else (WITH, WITHOUT):
             port = sides[side].port
-            commands = redis_commands(redis_port)
+            commands = redis.commands()
             rps, load = bench.quiet.measure(side, lambda port=port: bench.wrk(port))
             if side == WITH:
-                figures.redis_commands_on_hits += redis_commands(redis_port) - commands
+                figures.redis_commands_on_hits += redis.commands() - commands
             figures.throughput[side].append(rps)
             print(
                 f"  round {round_} {side:24} {rps:10,.0f} req/s"
