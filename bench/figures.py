@@ -1,6 +1,7 @@
 """What a bench run does (its sizes and durations), what it found, and the targets.
 
-`Settings` holds every round count, duration and size. `Results` and
+`Settings` holds every round count, duration and size; `QUICK` is the smallest run
+that still exercises each measurement (`python -m bench.run --quick`). `Results` and
 `Fleet` are filled by bench/scenarios.py and read by bench/report.py; their
 `verdicts` judge the figures against the targets of issues 4 and 8.
 """
@@ -63,6 +64,31 @@ class Settings:
     fleet_requests: int = 300
     fleet_burst_rounds: int = 3
     fleet_warm_invoices: int = 100  # misses through each of the three before their bursts
+
+
+# Every measurement once, as short as it can be: a check that the bench runs.
+QUICK = Settings(
+    hot_invoices=10,
+    rounds=1,
+    wrk_duration_s=1,
+    warm_wrk_s=1,
+    latency_duration_s=1,
+    fresh_invoices=5,
+    fresh_requests=50,
+    fill_invoices=1000,
+    profile_duration_s=2,
+    max_repeats=0,
+    max_total_repeats=0,
+    quiet_wait_s=1.0,
+    start_quiet_wait_s=2.0,
+    fleet_rounds=2,
+    fleet_latency_rounds=1,
+    fleet_latency_invoices=50,
+    fleet_invoices=3,
+    fleet_requests=30,
+    fleet_burst_rounds=1,
+    fleet_warm_invoices=10,
+)
 
 
 @dataclass

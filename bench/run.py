@@ -22,7 +22,11 @@ repeated (bounded); the table says how loaded the kept ones were.
 Then it prints a table and writes bench/RESULTS.md. When a target is missed and py-spy
 is installed (or with --profile), it also records where the proxy's time goes.
 
-    python -m bench.run [--profile] [--no-write] [--keep]
+    python -m bench.run [--profile] [--no-write] [--keep] [--quick]
+
+--quick runs every measurement once and as short as it can be (1 round, 1-second wrk
+runs, a few fresh invoices, a fill of 1,000; bench/figures.py's QUICK): a check that
+the bench works end to end, not figures. It never writes RESULTS.md.
 
 The parts: bench/harness.py starts and asks the processes, bench/scenarios.py
 measures, bench/figures.py holds the sizes, the figures and the targets,
@@ -40,7 +44,7 @@ import tempfile
 from pathlib import Path
 
 from . import report, scenarios
-from .figures import Results, Settings
+from .figures import QUICK, Results, Settings
 from .harness import (
     NOISE_LIMIT_CORES,
     BenchError,
@@ -56,6 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true", help="always record a py-spy profile")
     parser.add_argument("--no-write", action="store_true", help="do not rewrite RESULTS.md")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    parser.add_argument(
+        "--quick", action="store_true", help="every measurement once, shortest (implies --no-write)"
+    )
     args = parser.parse_args(argv)
     for tool in ("nginx", "wrk", "taskset", "redis-server"):
         if shutil.which(tool) is None:
@@ -63,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     if (os.cpu_count() or 1) < 2:
         raise SystemExit("the benchmark needs 2 cores: one for the servers, one for the load")
 
-    settings = Settings()
+    settings = QUICK if args.quick else Settings()
     results = Results(
         started=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         settings=settings,
@@ -112,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     if results.profile is not None:
         print()
         print(report.profile_lines(results.profile, settings))
-    if not args.no_write:
+    if not (args.no_write or args.quick):
         report.write_results(results, report.machine())
         print(f"\nwritten: {report.RESULTS.relative_to(report.BENCH.parent)}")
 
