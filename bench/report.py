@@ -2,7 +2,7 @@
 
 `write_results` rewrites the file from a run's `Results`, keeping what lies between
 the notes markers and `make soak`'s section (between its markers) exactly as they
-were.
+were; `write_soak_section` replaces only that section, for bench/soak.py.
 """
 
 from __future__ import annotations
@@ -285,3 +285,15 @@ counts the upstream requests.
 {NOTES_END}
 {soak}"""
     )
+
+
+def write_soak_section(section: str) -> None:
+    """Replace the soak section of RESULTS.md (or append it); leave the rest alone."""
+    text = RESULTS.read_text() if RESULTS.exists() else "# invoice-proxy benchmark\n"
+    if SOAK_START in text and SOAK_END in text:
+        head, rest = text.split(SOAK_START, 1)
+        tail = rest.split(SOAK_END, 1)[1]
+        text = head + section.rstrip("\n") + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    RESULTS.write_text(text)
