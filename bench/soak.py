@@ -21,15 +21,10 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import hashlib
-import json
 import os
 import random
 import secrets
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,13 +37,18 @@ import aiohttp
 
 from proxy.standin import Behaviour, StandIn, start
 
-BENCH = Path(__file__).resolve().parent
-RESULTS = BENCH / "RESULTS.md"
-SOAK_START = "<!-- soak:start -->"
-SOAK_END = "<!-- soak:end -->"
+from .harness import (
+    BENCH,
+    ORGANIZATION,
+    Processes,
+    Proxy,
+    metric_sum,
+    proxy_config,
+    start_proxy,
+    write_credential,
+)
+from .report import RESULTS, SOAK_END, SOAK_START, write_soak_section
 
-ORGANIZATION = "acme"
-START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 20.0
 REQUEST_TIMEOUT_S = 10.0  # a caller gives up (and counts a lost request) after this
 # Statuses SPEC documents for the invoice endpoint.
@@ -93,82 +93,40 @@ FAULTS: dict[str, Callable[[], Behaviour]] = {
 }
 
 
-def proxy_config(
-    port: int, admin_port: int, upstream_url: str, credential: Path, caller_key: str
-) -> str:
-    digest = hashlib.sha256(caller_key.encode()).hexdigest()
-    return f"""\
-[server]
-host = "127.0.0.1"
-port = {port}
-admin_port = {admin_port}
-shutdown_grace_s = 5
+def _config(upstream_url: str, credential: Path, caller_key: str) -> Callable[[int, int], str]:
+    """The soak's proxy: short upstream timeouts and freshness, so faults and misses recur."""
 
-[upstream]
-base_url = "{upstream_url}"
-timeout_s = 0.3
-deadline_s = 0.8
-retries = 2
-backoff_base_s = 0.01
-backoff_max_s = 0.05
-rate_per_s = 5000.0
-burst = 5000
-max_queue_wait_s = 0.2
-circuit_failures = 5
-circuit_open_s = 0.5
+    def config(port: int, admin_port: int) -> str:
+        return proxy_config(
+            port=port,
+            admin_port=admin_port,
+            upstream_url=upstream_url,
+            credential=credential,
+            caller="soak",
+            caller_key=caller_key,
+            server={"shutdown_grace_s": 5},
+            upstream={
+                "timeout_s": 0.3,
+                "deadline_s": 0.8,
+                "retries": 2,
+                "backoff_base_s": 0.01,
+                "backoff_max_s": 0.05,
+                "rate_per_s": 5000.0,
+                "burst": 5000,
+                "max_queue_wait_s": 0.2,
+                "circuit_failures": 5,
+                "circuit_open_s": 0.5,
+            },
+            cache={
+                "max_bytes": 67108864,
+                "open_period_ttl_s": 0.5,
+                "not_found_ttl_s": 0.5,
+                "stale_if_error_s": 3600,
+            },
+            logging={"level": "warning"},
+        )
 
-[credential]
-source = "file"
-
-[credential.file]
-path = "{credential}"
-
-[cache]
-max_bytes = 67108864
-open_period_ttl_s = 0.5
-not_found_ttl_s = 0.5
-stale_if_error_s = 3600
-
-[logging]
-level = "warning"
-
-[[callers]]
-name = "soak"
-key_sha256 = ["{digest}"]
-organizations = ["{ORGANIZATION}"]
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    values = {}
-    for line in text.splitlines():
-        if line.startswith("invoice_proxy_") and " " in line:
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
-
-
-def metric_sum(metrics: dict[str, float], name: str, **labels: str) -> float:
-    """Sum of a metric's samples whose labels include `labels`."""
-    total = 0.0
-    for sample, value in metrics.items():
-        ours = sample == name or sample.startswith(name + "{")
-        if ours and all(f'{k}="{v}"' in sample for k, v in labels.items()):
-            total += value
-    return total
+    return config
 
 
 @dataclass
@@ -295,72 +253,8 @@ async def _warm(plan: Plan, callers: int, seconds: float) -> Tally:
     return tally
 
 
-class ProxyProcess:
-    """`python -m proxy serve` with a config written to `workdir`; stopped by SIGTERM."""
-
-    def __init__(self, workdir: Path, upstream_url: str, caller_key: str) -> None:
-        self.port = free_port()
-        self.admin_port = free_port()
-        credential = workdir / "planetscale.json"
-        credential.write_text(json.dumps({"token_id": TOKEN_ID, "token": TOKEN}))
-        config = workdir / "proxy.toml"
-        config.write_text(
-            proxy_config(self.port, self.admin_port, upstream_url, credential, caller_key)
-        )
-        self.log = workdir / "proxy.log"
-        self._out = self.log.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        async with aiohttp.ClientSession() as session:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"the proxy exited: {self.tail()}")
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(
-                        f"http://127.0.0.1:{self.admin_port}/readyz"
-                    ) as response:
-                        if response.status == 200:
-                            return
-                await asyncio.sleep(0.05)
-        raise RuntimeError(f"the proxy was not ready within {START_TIMEOUT_S:.0f} s")
-
-    async def metrics(self) -> dict[str, float]:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(f"http://127.0.0.1:{self.admin_port}/metrics") as response,
-        ):
-            return parse_metrics(await response.text())
-
-    def rss(self) -> int:
-        return rss_bytes(self.process.pid)
-
-    async def stop(self) -> int | None:
-        """SIGTERM, then the exit code; None when it had to be killed."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            code: int | None = await asyncio.to_thread(self.process.wait, STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-            code = None
-        self._out.close()
-        return code
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-2000:]
-
-
+# The soak runs the proxy from source, with this interpreter.
+PROXY_COMMAND = (sys.executable, "-m", "proxy")
 TOKEN_ID = "pscale_tkn_id_soak"
 TOKEN = "pscale_tkn_" + "s0ak" * 10
 
@@ -389,24 +283,30 @@ async def soak(
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="soak-")))
-        proxy = ProxyProcess(workdir, f"http://127.0.0.1:{standin_port}/v1", caller_key)
-        exit_code: int | None = None
+        credential = write_credential(workdir, TOKEN_ID, TOKEN)
+        config = _config(f"http://127.0.0.1:{standin_port}/v1", credential, caller_key)
+        processes = Processes()
         try:
-            await proxy.ready()
+            # A real process, not pinned, started and waited for off the event loop:
+            # the stand-in answers on this loop meanwhile.
+            proxy: Proxy = await asyncio.to_thread(
+                start_proxy, processes, workdir, "proxy", config, core=None, command=PROXY_COMMAND
+            )
             plan = Plan(mix, proxy.url, caller_key)
             await _warm(plan, callers, warm_s)
             await asyncio.sleep(0.2)
-            before_metrics = await proxy.metrics()
+            before_metrics = await asyncio.to_thread(proxy.metrics)
             rss_before = proxy.rss()
             started = time.monotonic()
             tally = await _load(plan, callers, duration_s, seed=1)
             elapsed = time.monotonic() - started
             await asyncio.sleep(0.2)  # let the last fetches of coalesced waiters settle
             rss_after = proxy.rss()
-            after_metrics = await proxy.metrics()
+            after_metrics = await asyncio.to_thread(proxy.metrics)
         finally:
-            exit_code = await proxy.stop()
+            await asyncio.to_thread(processes.stop_all, STOP_TIMEOUT_S)
             await runner.cleanup()
+        exit_code = proxy.process.returncode
     stats = standin.stats
     by_invoice = dict(stats.by_invoice)
     ids = mix.ids()
@@ -514,18 +414,6 @@ proxy's VmRSS.
 """
 
 
-def write_results(section: str) -> None:
-    """Replace the soak section of RESULTS.md (or append it); leave the rest alone."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# invoice-proxy benchmark\n"
-    if SOAK_START in text and SOAK_END in text:
-        head, rest = text.split(SOAK_START, 1)
-        tail = rest.split(SOAK_END, 1)[1]
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__)
     parser.add_argument("--duration", type=float, default=20.0, help="seconds (20)")
@@ -537,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     section = markdown(report)
     print(section.replace(SOAK_START + "\n", "").replace(SOAK_END + "\n", ""))
     if not args.no_write:
-        write_results(section)
+        write_soak_section(section)
         print(f"written: {RESULTS.relative_to(BENCH.parent)}")
     return 0 if report.ok else 1
 

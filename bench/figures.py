@@ -1,0 +1,232 @@
+"""What a bench run does (its sizes and durations), what it found, and the targets.
+
+`Settings` holds every round count, duration and size; `QUICK` is the smallest run
+that still exercises each measurement (`python -m bench.run --quick`). `Results` and
+`Fleet` are filled by bench/scenarios.py and read by bench/report.py; their
+`verdicts` judge the figures against the targets of issues 4 and 8.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+from . import profile
+from .harness import Noise
+
+# Targets from issue 4.
+TARGET_RATIO = 0.35
+TARGET_P99_MS = 3.0
+TARGET_BYTES_BEYOND_BODY = 1024
+# "Equal within noise" (issue 8): the median of the rounds' with/without ratios is
+# within the noise of the figure without [shared] (half the range of its rounds,
+# relative to their median), or within 5 % when the rounds agree better than that.
+FLEET_TOLERANCE = 0.05
+FLEET_PROXIES = 3  # A, B and C share one Redis
+
+WITHOUT, WITH = "without [shared]", "with [shared], Redis up"
+LATENCY_KINDS = {
+    "local hit alone": "local hit without [shared] (alone, second read)",
+    "local hit": "local hit with [shared] (B, second read)",
+    "shared hit": "**shared hit** (B: local miss, in Redis from A)",
+    "miss shared": "upstream miss through A (Redis claim, budget, stand-in, store)",
+    "miss local": "upstream miss without [shared] (stand-in)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The sizes of one run; the defaults are `make bench`'s."""
+
+    hot_invoices: int = 100  # cached invoices the hit measurements rotate over
+    rounds: int = 3  # of hit throughput and of hit latency, servers alternating
+    wrk_connections: int = 50
+    wrk_duration_s: int = 5  # per throughput round
+    warm_wrk_s: int = 2  # a wrk run per server before the rounds
+    latency_duration_s: int = 5  # per open-loop latency round
+    latency_connections: int = 50
+    fresh_invoices: int = 50
+    fresh_requests: int = 500  # concurrent first requests for the fresh invoices
+    fill_invoices: int = 100_000  # misses through the proxy for the memory figure
+    fill_connections: int = 100
+    profile_duration_s: int = 8  # of py-spy under wrk
+    # The quiet machine (harness.Quiet): repeats per measurement and in the run, and
+    # how long to wait for the others to calm down before a repeat and at the start.
+    max_repeats: int = 2
+    max_total_repeats: int = 10
+    quiet_wait_s: float = 5.0
+    start_quiet_wait_s: float = 30.0
+    # The fleet level (issue 8).
+    fleet_rounds: int = 4  # local-hit throughput with and without; alternating, so even
+    fleet_latency_rounds: int = 3
+    fleet_latency_invoices: int = 1000  # per round, requested one at a time
+    fleet_invoices: int = 30  # fresh invoices of the three-proxy burst; a multiple of 3
+    fleet_requests: int = 300
+    fleet_burst_rounds: int = 3
+    fleet_warm_invoices: int = 100  # misses through each of the three before their bursts
+
+
+# Every measurement once, as short as it can be: a check that the bench runs.
+QUICK = Settings(
+    hot_invoices=10,
+    rounds=1,
+    wrk_duration_s=1,
+    warm_wrk_s=1,
+    latency_duration_s=1,
+    fresh_invoices=5,
+    fresh_requests=50,
+    fill_invoices=1000,
+    profile_duration_s=2,
+    max_repeats=0,
+    max_total_repeats=0,
+    quiet_wait_s=1.0,
+    start_quiet_wait_s=2.0,
+    fleet_rounds=2,
+    fleet_latency_rounds=1,
+    fleet_latency_invoices=50,
+    fleet_invoices=3,
+    fleet_requests=30,
+    fleet_burst_rounds=1,
+    fleet_warm_invoices=10,
+)
+
+
+@dataclass
+class Fleet:
+    """The fleet level's figures: proxies sharing one redis-server."""
+
+    redis_version: str = ""
+    # local-hit throughput of each round (req/s), WITHOUT and WITH [shared]
+    throughput: dict[str, list[float]] = field(default_factory=dict)
+    redis_commands_on_hits: int = 0  # Redis commands during the WITH rounds (goal 0)
+    # (p50, p99) in ms of each latency round, by kind of request (LATENCY_KINDS)
+    latency: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    shared_hit_upstream: int = 0  # stand-in requests during B's shared hits (goal 0)
+    shared_reads: int = 0  # B's reads of invoices A put in Redis
+    shared_hits: int = 0  # of those, counted as shared hits by B (goal: all of them)
+    burst_upstream: list[int] = field(default_factory=list)  # per round (goal fleet_invoices)
+    burst_again: list[int] = field(default_factory=list)  # the same burst again (goal 0)
+    burst_seconds: list[float] = field(default_factory=list)
+    lookups: dict[str, int] = field(default_factory=dict)  # over the proxies and the bursts
+    store_errors: int = 0  # Redis commands failed or timed out in the bursts (goal 0)
+
+    @property
+    def ratios(self) -> list[float]:
+        """WITH / WITHOUT of each round (the two measured next to each other)."""
+        return [w / o for w, o in zip(self.throughput[WITH], self.throughput[WITHOUT], strict=True)]
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios)
+
+    @property
+    def noise(self) -> float:
+        """Half the range of the rounds without [shared], relative to their median."""
+        rounds = self.throughput[WITHOUT]
+        return (max(rounds) - min(rounds)) / 2 / statistics.median(rounds)
+
+    def p(self, kind: str, q: float) -> float:
+        return statistics.median(r[0 if q == 0.5 else 1] for r in self.latency[kind])
+
+    def verdicts(self, settings: Settings) -> list[tuple[str, bool, str]]:
+        invoices = settings.fleet_invoices
+        return [
+            (
+                "local-hit throughput with [shared] equal to without, within noise"
+                f" (at least {FLEET_TOLERANCE:.0%})",
+                abs(self.ratio - 1) <= max(FLEET_TOLERANCE, self.noise),
+                f"{self.ratio:.3f}, noise ±{self.noise:.1%}",
+            ),
+            (
+                "no Redis command during local hits",
+                self.redis_commands_on_hits == 0,
+                str(self.redis_commands_on_hits),
+            ),
+            (
+                "no upstream request for shared hits",
+                self.shared_hit_upstream == 0,
+                str(self.shared_hit_upstream),
+            ),
+            (
+                f"{invoices} upstream requests for {invoices} fresh invoices over"
+                f" {FLEET_PROXIES} proxies, {settings.fleet_requests} concurrent requests",
+                all(n == invoices for n in self.burst_upstream),
+                " / ".join(map(str, self.burst_upstream)),
+            ),
+            (
+                "no upstream request for the same burst again",
+                not any(self.burst_again),
+                " / ".join(map(str, self.burst_again)),
+            ),
+        ]
+
+
+@dataclass
+class Results:
+    started: str = ""
+    settings: Settings = field(default_factory=Settings)
+    throughput: dict[str, list[float]] = field(default_factory=dict)
+    rate: float = 0.0
+    # (p50, p99) in ms of each latency round, by server
+    latency: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    fresh_upstream: dict[str, int] = field(default_factory=dict)
+    fresh_seconds: dict[str, float] = field(default_factory=dict)
+    rss_before: int = 0
+    rss_after: int = 0
+    fill_seconds: float = 0.0
+    average_body: float = 0.0
+    metrics_before: dict[str, float] = field(default_factory=dict)
+    metrics_after: dict[str, float] = field(default_factory=dict)
+    profile: profile.Profile | None = None
+    fleet: Fleet = field(default_factory=Fleet)
+    noise: Noise = field(default_factory=Noise)
+
+    def peak(self, server: str) -> float:
+        return statistics.median(self.throughput[server])
+
+    @property
+    def ratio(self) -> float:
+        return self.peak("invoice-proxy") / self.peak("nginx")
+
+    def p(self, server: str, q: float) -> float:
+        """The median over the rounds of one percentile (0.5 or 0.99), in ms."""
+        return statistics.median(r[0 if q == 0.5 else 1] for r in self.latency[server])
+
+    @property
+    def rss_per_invoice(self) -> float:
+        return (self.rss_after - self.rss_before) / self.settings.fill_invoices
+
+    @property
+    def entries(self) -> float:
+        return self.metrics_after.get("invoice_proxy_cache_entries", 0.0)
+
+    @property
+    def accounted_per_entry(self) -> float:
+        return self.metrics_after.get("invoice_proxy_cache_bytes", 0.0) / max(1.0, self.entries)
+
+    def verdicts(self) -> list[tuple[str, bool, str]]:
+        beyond = self.rss_per_invoice - self.average_body
+        fresh = self.settings.fresh_invoices
+        return [
+            (
+                f"hit throughput >= {TARGET_RATIO} of nginx",
+                self.ratio >= TARGET_RATIO,
+                f"{self.ratio:.2f}",
+            ),
+            (
+                f"p99 hit latency < {TARGET_P99_MS:g} ms at {self.rate:,.0f} req/s",
+                self.p("invoice-proxy", 0.99) < TARGET_P99_MS,
+                f"{self.p('invoice-proxy', 0.99):.2f} ms",
+            ),
+            (
+                f"{fresh} upstream requests for {fresh} fresh invoices",
+                self.fresh_upstream["invoice-proxy"] == fresh,
+                str(self.fresh_upstream["invoice-proxy"]),
+            ),
+            (
+                f"<= {TARGET_BYTES_BEYOND_BODY} B of memory per invoice beyond its body",
+                beyond <= TARGET_BYTES_BEYOND_BODY,
+                f"{beyond:,.0f} B",
+            ),
+            *self.fleet.verdicts(self.settings),
+        ]

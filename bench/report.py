@@ -1,0 +1,299 @@
+"""bench/RESULTS.md and the printed summary: the table, the fleet's figures, the verdicts.
+
+`write_results` rewrites the file from a run's `Results`, keeping what lies between
+the notes markers and `make soak`'s section (between its markers) exactly as they
+were; `write_soak_section` replaces only that section, for bench/soak.py.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import uvloop
+
+from . import profile
+from .figures import FLEET_PROXIES, LATENCY_KINDS, WITH, WITHOUT, Fleet, Results, Settings
+from .harness import BENCH, FLEET_BURST, FLEET_RATE_PER_MINUTE, NOISE_LIMIT_CORES, SERVERS
+
+RESULTS = BENCH / "RESULTS.md"
+NOTES_START = "<!-- notes: kept by bench/run.py when it rewrites this file -->"
+NOTES_END = "<!-- /notes -->"
+SOAK_START = "<!-- soak:start -->"  # bench/soak.py's section
+SOAK_END = "<!-- soak:end -->"
+
+
+def machine() -> dict[str, str]:
+    model = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    nginx_version = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout
+    revision = subprocess.run(
+        ["git", "-C", str(BENCH.parent), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return {
+        "code": f"git {revision or 'unknown'}"
+        + (" (uncommitted changes were measured)" if revision.endswith("-dirty") else ""),
+        "nproc": str(os.cpu_count()),
+        "CPU": model,
+        "kernel": platform.release(),
+        "Python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "uvloop": uvloop.__version__,
+        "nginx": nginx_version.removeprefix("nginx version: "),
+        "wrk": wrk_version.split("[", 1)[0].strip() or "wrk",
+    }
+
+
+def table(results: Results) -> str:
+    s, noise = results.settings, results.noise
+    proxy, nginx, bare = SERVERS
+    rate = f"{results.rate:,.0f} req/s"
+    rounds = {v: " / ".join(f"{r:,.0f}" for r in results.throughput[v]) for v in SERVERS}
+    beyond_rss = results.rss_per_invoice - results.average_body
+    beyond_metric = results.accounted_per_entry - results.average_body
+    rows = [
+        ("", proxy, nginx, bare),
+        ("---", "---:", "---:", "---:"),
+        (
+            f"hit throughput, req/s (median of {s.rounds})",
+            f"{results.peak(proxy):,.0f}",
+            f"{results.peak(nginx):,.0f}",
+            f"{results.peak(bare):,.0f}",
+        ),
+        ("  rounds", rounds[proxy], rounds[nginx], rounds[bare]),
+        (
+            f"hit p50 at {rate}, ms (median of {s.rounds})",
+            *(f"{results.p(v, 0.5):.3f}" for v in SERVERS),
+        ),
+        (
+            f"hit p99 at {rate}, ms (median of {s.rounds})",
+            *(f"{results.p(v, 0.99):.3f}" for v in SERVERS),
+        ),
+        (
+            "  p99 of each round, ms",
+            *(" / ".join(f"{r[1]:.2f}" for r in results.latency[v]) for v in SERVERS),
+        ),
+        (
+            f"upstream requests, {s.fresh_requests} concurrent"
+            f" for {s.fresh_invoices} fresh invoices",
+            str(results.fresh_upstream[proxy]),
+            str(results.fresh_upstream[nginx]),
+            "-",
+        ),
+        (
+            "  time until the last of those answers, s",
+            f"{results.fresh_seconds[proxy]:.2f}",
+            f"{results.fresh_seconds[nginx]:.2f}",
+            "-",
+        ),
+    ]
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    mib = 1024 * 1024
+    lines += [
+        "",
+        f"Ratios of hit throughput: proxy/nginx **{results.ratio:.2f}**, "
+        f"proxy/bare {results.peak(proxy) / results.peak(bare):.2f}, "
+        f"bare/nginx {results.peak(bare) / results.peak(nginx):.2f}.",
+        "",
+        f"Other processes on the machine: at most {noise.worst_load:.2f} cores busy during a"
+        f" kept measurement; {noise.repeated} measurement(s) repeated because they took"
+        f" more than {NOISE_LIMIT_CORES} cores.",
+        "",
+        f"| invoice-proxy memory, {s.fill_invoices:,} invoices cached | |",
+        "| --- | ---: |",
+        f"| RSS before the fill | {results.rss_before / mib:,.1f} MiB |",
+        f"| RSS after the fill | {results.rss_after / mib:,.1f} MiB |",
+        f"| RSS growth per invoice | {results.rss_per_invoice:,.0f} B |",
+        f"| average body | {results.average_body:,.0f} B |",
+        f"| **RSS per invoice beyond its body** | **{beyond_rss:,.0f} B** |",
+        f"| `invoice_proxy_cache_entries` | {results.entries:,.0f} |",
+        f"| `invoice_proxy_cache_bytes` / entries | {results.accounted_per_entry:,.0f} B |",
+        f"| of which beyond the body (key and accounted overhead) | {beyond_metric:,.0f} B |",
+        f"| fill: {s.fill_invoices:,} misses through the proxy | {results.fill_seconds:.0f} s |",
+    ]
+    return "\n".join(lines)
+
+
+def fleet_lines(fleet: Fleet, s: Settings) -> str:
+    """The fleet subsection's figures (Markdown)."""
+    rounds = {
+        side: " / ".join(f"{r:,.0f}" for r in fleet.throughput[side]) for side in (WITHOUT, WITH)
+    }
+    n = s.fleet_latency_invoices
+    lines = [
+        f"| local-hit throughput, req/s | {WITHOUT} | {WITH} |",
+        "| --- | ---: | ---: |",
+        f"| median of {s.fleet_rounds} rounds"
+        f" | {statistics.median(fleet.throughput[WITHOUT]):,.0f}"
+        f" | {statistics.median(fleet.throughput[WITH]):,.0f} |",
+        f"|   rounds | {rounds[WITHOUT]} | {rounds[WITH]} |",
+        "",
+        f"With / without, median of the rounds' ratios: **{fleet.ratio:.3f}**"
+        f" (rounds: {' / '.join(f'{r:.3f}' for r in fleet.ratios)}); noise of the figure"
+        f" without [shared] (half the range of its rounds): ±{fleet.noise:.1%}. Redis"
+        f" commands during the rounds with [shared]: **{fleet.redis_commands_on_hits}**.",
+        "",
+        f"| latency, one request at a time, ms (median of {s.fleet_latency_rounds} rounds"
+        f" of {n:,} invoices) | p50 | p99 |",
+        "| --- | ---: | ---: |",
+        *(
+            f"| {label} | {fleet.p(kind, 0.5):.3f} | {fleet.p(kind, 0.99):.3f} |"
+            for kind, label in LATENCY_KINDS.items()
+        ),
+        "",
+        "Upstream requests at the stand-in during B's shared hits:"
+        f" **{fleet.shared_hit_upstream}**; B counted {fleet.shared_hits:,} of its"
+        f" {fleet.shared_reads:,} reads as shared hits.",
+        "",
+        f"| {FLEET_PROXIES} proxies, one Redis: {s.fleet_requests} concurrent first requests"
+        f" for {s.fleet_invoices} fresh invoices |"
+        + "".join(f" round {i} |" for i in range(1, s.fleet_burst_rounds + 1)),
+        "| --- |" + " ---: |" * s.fleet_burst_rounds,
+        "| **upstream requests** (stand-in) |" + "".join(f" {v} |" for v in fleet.burst_upstream),
+        "| time until the last answer, s |" + "".join(f" {v:.2f} |" for v in fleet.burst_seconds),
+        "| the same requests again: upstream requests |"
+        + "".join(f" {v} |" for v in fleet.burst_again),
+        "",
+        "Shared lookups over the three proxies and the rounds: "
+        + ", ".join(f"{k} {v}" for k, v in fleet.lookups.items())
+        + " (miss: this proxy took the lock and asked the stand-in; coalesced: it waited"
+        " for another proxy's answer; hit: it found the answer already there; unavailable:"
+        " Redis was taken for down, so the proxy asked the stand-in on its own)."
+        f" Redis commands failed or timed out (`invoice_proxy_shared_store_errors_total`):"
+        f" {fleet.store_errors}.",
+    ]
+    return "\n".join(lines)
+
+
+def verdict_lines(results: Results) -> str:
+    return "\n".join(
+        f"- {'met' if ok else '**missed**'}: {target} ({value})"
+        for target, ok, value in results.verdicts()
+    )
+
+
+def profile_lines(found: profile.Profile | None, s: Settings) -> str:
+    if found is None:
+        return "No profile was taken in this run."
+    lines = [
+        f"py-spy, {found.samples:,} samples of the busy proxy under wrk -c{s.wrk_connections} "
+        "(idle samples are not recorded). Each sample counts once, for the innermost frame",
+        "of a known part (standard-library frames count for their caller).",
+        "",
+        "| part | share |",
+        "| --- | ---: |",
+        *(f"| {part} | {share:.0%} |" for part, share in found.parts),
+        "",
+        "| function (self time) | share |",
+        "| --- | ---: |",
+        *(f"| `{frame}` | {share:.1%} |" for frame, share in found.self_share),
+    ]
+    return "\n".join(lines)
+
+
+def write_results(results: Results, facts: dict[str, str]) -> None:
+    notes = soak = ""
+    if RESULTS.exists():
+        old = RESULTS.read_text()
+        if NOTES_START in old and NOTES_END in old:
+            notes = old.split(NOTES_START, 1)[1].split(NOTES_END, 1)[0].strip("\n")
+        if SOAK_START in old and SOAK_END in old:  # `make soak`'s section, kept as it is
+            section = old.split(SOAK_START, 1)[1].split(SOAK_END, 1)[0]
+            soak = f"\n{SOAK_START}{section}{SOAK_END}\n"
+    machine_lines = "\n".join(f"- {name}: {value}" for name, value in facts.items())
+    fleet, s = results.fleet, results.settings
+    RESULTS.write_text(
+        f"""# invoice-proxy benchmark
+
+Run `make bench` (it installs nginx, wrk, taskset and redis-server from Debian's packages when
+missing, then runs `.venv/bin/python -m bench.run`). This file is rewritten by
+each run; the notes section below is kept.
+
+Run of {results.started}, on:
+
+{machine_lines}
+
+Set-up, all on 127.0.0.1: each server pinned to core 0, the load generators (wrk,
+and bench/loadgen.py in the bench process) to core 1. invoice-proxy runs as in
+production: `invoice-proxy serve`, uvloop, one JSON log line per request written
+to a file, Prometheus metrics on. nginx 1 worker, `proxy_cache` with
+`proxy_cache_lock on` and `proxy_cache_valid 200 1y`, an access log line per
+request to a file (bench/nginx.conf.template). "bare aiohttp" is bench/bare.py:
+a handler that returns bytes from a dict, no log, no metrics. Throughput is wrk
+`-t1 -c{s.wrk_connections} -d{s.wrk_duration_s}s` rotating over {s.hot_invoices} cached
+invoices, servers alternating, {s.rounds} rounds. Latency: Debian has no wrk2, so an
+open-loop Python generator (bench/loadgen.py) sends at a fixed rate, half of the
+proxy's median peak, over {s.latency_connections} keep-alive connections for
+{s.latency_duration_s} s per round, and measures each request from its *scheduled*
+send time (no coordinated omission); the table gives the median over the {s.rounds}
+rounds of each round's p50 and p99 (one round disturbed by another process on this
+shared machine would otherwise decide a pooled p99), and every round's p99. Before
+each measurement the bench calls sync(2): writing back the previous run's request
+logs (tens of MB after a throughput run) otherwise stalls both cores for milliseconds.
+
+## Results
+
+{table(results)}
+
+## Fleet (shared level on Redis)
+
+Issue 8's figures. redis-server {fleet.redis_version} (`--save '' --appendonly no`)
+runs on core 0 with four more `invoice-proxy serve` processes, started for this
+part: "alone" without `[shared]`, and A, B and C with `[shared] redis_url` on that
+Redis (fleet budget {FLEET_RATE_PER_MINUTE:,.0f} a minute, burst {FLEET_BURST:,}, so
+that it never throttles the bench); otherwise the same configuration as above.
+Local-hit throughput: alone and A, both warmed with the {s.hot_invoices} hot invoices,
+the same wrk runs, {s.fleet_rounds} rounds alternating which goes first; the ratio is
+the median of the rounds' with/without ratios, and the Redis commands are counted by
+`INFO commandstats` around each round with `[shared]`. Latency: {s.fleet_latency_rounds}
+rounds, each requesting {s.fleet_latency_invoices:,} fresh invoices one at a time over one
+keep-alive connection (closed loop, so no queueing) through A (upstream misses that
+land in Redis), then the same through B (local misses, shared hits), then through B
+again (local hits), and {s.fleet_latency_invoices:,} other fresh ones through alone
+(upstream misses without Redis), then those through alone again (local hits
+without Redis); the stand-in answers at once. These latencies are
+one request in isolation: not comparable with the open-loop figures above. The
+three-proxy burst: A, B and C first fetch {s.fleet_warm_invoices} invoices each (warm, as running
+replicas are), then {s.fleet_requests} requests, each on its own connection opened beforehand,
+are sent in one event-loop turn, every invoice to each of A, B and C; the stand-in
+counts the upstream requests.
+
+{fleet_lines(fleet, s)}
+
+## Targets
+
+{verdict_lines(results)}
+
+## Where the proxy's time goes
+
+{profile_lines(results.profile, s)}
+
+## Notes
+
+{NOTES_START}
+{notes}
+{NOTES_END}
+{soak}"""
+    )
+
+
+def write_soak_section(section: str) -> None:
+    """Replace the soak section of RESULTS.md (or append it); leave the rest alone."""
+    text = RESULTS.read_text() if RESULTS.exists() else "# invoice-proxy benchmark\n"
+    if SOAK_START in text and SOAK_END in text:
+        head, rest = text.split(SOAK_START, 1)
+        tail = rest.split(SOAK_END, 1)[1]
+        text = head + section.rstrip("\n") + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    RESULTS.write_text(text)
