@@ -19,7 +19,7 @@ from . import __version__
 from . import logging as proxy_logging
 from .app import ADMIN_APP, CALLERS, CREDENTIALS, METRICS, init_app
 from .auth import key_digest, new_caller_key
-from .config import Config, ConfigError, load_config, parse_config
+from .config import Config, ConfigError, ConfigFileError, load_config, parse_config
 from .credential import CredentialSource, EnvSource
 from .server import ProxyRunner
 from .workers import run_workers, worker_config
@@ -134,7 +134,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"{path}: {problem}")
-        print(f"{len(exc.problems)} problem(s) found")
+        if not isinstance(exc, ConfigFileError):  # a file that cannot be read: its one line
+            print(f"{len(exc.problems)} problem(s) found")
         return 1
     source = config.credential.source
     print(f"{path}: OK ({len(config.callers)} caller(s), credential source {source!r})")
