@@ -17,7 +17,7 @@ from aiohttp import web
 
 from . import __version__
 from . import logging as proxy_logging
-from .app import ADMIN_APP, CALLERS, CREDENTIALS, METRICS, init_app
+from .app import ADMIN_APP, ADMINS, CALLERS, CREDENTIALS, METRICS, admin_callers, init_app
 from .auth import key_digest, new_caller_key
 from .config import Config, ConfigError, ConfigFileError, load_config, parse_config
 from .credential import CredentialSource, EnvSource
@@ -72,27 +72,51 @@ async def serve(
 
 
 def _reload(api: web.Application, config_path: str | None) -> None:
-    """SIGHUP: read the credential now, and the caller list from the file."""
-    api[CREDENTIALS].wake()
-    if config_path is None:
-        return
+    """SIGHUP: read the credential now, and the callers and admin keys from the file.
+
+    A signal handler that raises is logged by asyncio with a traceback, and a traceback
+    may quote what it was handling: every failure here ends in one log line instead.
+    """
     try:
+        api[CREDENTIALS].wake()
+        if config_path is None:
+            return
         config = load_config(config_path)
+        api[CALLERS].replace(config.callers)
+        api[METRICS].init_callers(api[CALLERS].names)
+        api[ADMINS].replace(admin_callers(config.admin))
     except ConfigError as exc:
-        log.error("config_reload_failed", problems=exc.problems, keeping="running configuration")
+        log.error(
+            "config_reload_failed",
+            config=config_path,
+            problems=exc.problems,
+            keeping="running configuration",
+        )
         return
-    api[CALLERS].replace(config.callers)
-    api[METRICS].init_callers(api[CALLERS].names)
-    log.info("config_reloaded", callers=len(config.callers))
+    except Exception as exc:  # the service keeps running on its last configuration
+        log.error(
+            "config_reload_failed",
+            config=config_path,
+            problems=[f"the reload failed unexpectedly ({type(exc).__name__})"],
+            keeping="running configuration",
+        )
+        return
+    log.info(
+        "config_reloaded", callers=len(config.callers), admin_keys=len(config.admin.key_sha256)
+    )
 
 
 def _run(coro: Coroutine[Any, Any, None]) -> None:
+    run: Callable[[Coroutine[Any, Any, None]], None]
     try:
         import uvloop
     except ImportError:
-        asyncio.run(coro)
+        run = asyncio.run
     else:
-        uvloop.run(coro)
+        run = uvloop.run
+    # Outside the except block: an exception from the service does not carry the
+    # ImportError as its context ("During handling of the above exception...").
+    run(coro)
 
 
 def _config_path(args: argparse.Namespace) -> str:
