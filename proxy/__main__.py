@@ -33,7 +33,7 @@ async def serve(
     source: CredentialSource | None = None,
     on_started: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Run both listeners until SIGTERM/SIGINT; SIGHUP reloads callers and the credential."""
+    """Run both listeners until SIGTERM/SIGINT; SIGHUP reloads callers, admin keys, credential."""
     api = init_app(config, source=source)
     admin = api[ADMIN_APP]
     api_runner = ProxyRunner(api, config.server)

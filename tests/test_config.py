@@ -269,7 +269,8 @@ def test_any_number_is_either_taken_as_it_is_or_named_by_its_path(
     try:
         config = parse_config(with_value(tmp_path, key, value))
     except ConfigError as exc:
-        assert exc.problems and all(p.startswith(f"{key_path(key)}: ") for p in exc.problems)
+        # Named by its path, or by a rule between keys that names it (lock_ttl_s).
+        assert exc.problems and all(key_path(key) in p for p in exc.problems), exc.problems
         return
     node: Any = config
     for part in key:
@@ -291,7 +292,8 @@ def test_check_config_names_each_non_finite_number_by_its_path(tmp_path: Path) -
     path = write_toml(
         tmp_path,
         "rate_per_s = nan\n"  # belongs to the [[callers]] table above
-        "[upstream]\nrate_per_s = nan\ndeadline_s = inf\n"
+        '[upstream]\nbase_url = "https://api.planetscale.com/v1?x=1"\n'
+        "rate_per_s = nan\ndeadline_s = inf\n"
         '[shared]\nredis_url = "redis://127.0.0.1:6379/0"\ntimeout_s = -inf\n',
     )
     result = run_cli("check-config", "--config", str(path))
@@ -299,9 +301,10 @@ def test_check_config_names_each_non_finite_number_by_its_path(tmp_path: Path) -
     assert result.stdout.splitlines() == [
         f"{path}: upstream.deadline_s: expected a finite number",
         f"{path}: upstream.rate_per_s: expected a finite number",
+        f"{path}: upstream.base_url: must not have a query (?...)",
         f"{path}: callers[0].rate_per_s: expected a finite number",
         f"{path}: shared.timeout_s: expected a finite number",
-        "4 problem(s) found",
+        "5 problem(s) found",
     ]
 
 
@@ -401,6 +404,22 @@ def test_an_accepted_base_url_is_one_the_upstream_client_can_use(tmp_path: Path,
     assert built.user is None and built.password is None
     assert not built.query_string and not built.fragment
     assert not any(c.isspace() for c in str(built))
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://[::1/0", "expected a redis:// or rediss:// (TLS) URL (it does not parse)"),
+        ("redis://redis.internal:99999/0", "the port must be a number from 1 to 65535"),
+        ("redis://redis.internal:6379/0 ", "must not contain whitespace or control characters"),
+        ("redis://redis.internal:6379/0#x", "must not have a fragment (#...)"),
+    ],
+)
+def test_shared_redis_url_is_checked_like_the_others(
+    tmp_path: Path, url: str, expected: str
+) -> None:
+    data = {**valid(tmp_path), "shared": {"redis_url": url}}
+    assert problems(data) == [f"shared.redis_url: {expected}"]
 
 
 # --- files that are not a configuration ----------------------------------------------

@@ -1,4 +1,4 @@
-"""`invoice-proxy serve` as a real process: graceful SIGTERM, SIGHUP reload of callers."""
+"""`invoice-proxy serve` as a real process: graceful SIGTERM, SIGHUP reloads, workers."""
 
 from __future__ import annotations
 
