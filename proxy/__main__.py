@@ -17,9 +17,9 @@ from aiohttp import web
 
 from . import __version__
 from . import logging as proxy_logging
-from .app import ADMIN_APP, CALLERS, CREDENTIALS, METRICS, init_app
+from .app import ADMIN_APP, ADMINS, CALLERS, CREDENTIALS, METRICS, admin_callers, init_app
 from .auth import key_digest, new_caller_key
-from .config import Config, ConfigError, load_config, parse_config
+from .config import Config, ConfigError, ConfigFileError, load_config, parse_config
 from .credential import CredentialSource, EnvSource
 from .server import ProxyRunner
 from .workers import run_workers, worker_config
@@ -33,7 +33,7 @@ async def serve(
     source: CredentialSource | None = None,
     on_started: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Run both listeners until SIGTERM/SIGINT; SIGHUP reloads callers and the credential."""
+    """Run both listeners until SIGTERM/SIGINT; SIGHUP reloads callers, admin keys, credential."""
     api = init_app(config, source=source)
     admin = api[ADMIN_APP]
     api_runner = ProxyRunner(api, config.server)
@@ -72,27 +72,51 @@ async def serve(
 
 
 def _reload(api: web.Application, config_path: str | None) -> None:
-    """SIGHUP: read the credential now, and the caller list from the file."""
-    api[CREDENTIALS].wake()
-    if config_path is None:
-        return
+    """SIGHUP: read the credential now, and the callers and admin keys from the file.
+
+    A signal handler that raises is logged by asyncio with a traceback, and a traceback
+    may quote what it was handling: every failure here ends in one log line instead.
+    """
     try:
+        api[CREDENTIALS].wake()
+        if config_path is None:
+            return
         config = load_config(config_path)
+        api[CALLERS].replace(config.callers)
+        api[METRICS].init_callers(api[CALLERS].names)
+        api[ADMINS].replace(admin_callers(config.admin))
     except ConfigError as exc:
-        log.error("config_reload_failed", problems=exc.problems, keeping="running configuration")
+        log.error(
+            "config_reload_failed",
+            config=config_path,
+            problems=exc.problems,
+            keeping="running configuration",
+        )
         return
-    api[CALLERS].replace(config.callers)
-    api[METRICS].init_callers(api[CALLERS].names)
-    log.info("config_reloaded", callers=len(config.callers))
+    except Exception as exc:  # the service keeps running on its last configuration
+        log.error(
+            "config_reload_failed",
+            config=config_path,
+            problems=[f"the reload failed unexpectedly ({type(exc).__name__})"],
+            keeping="running configuration",
+        )
+        return
+    log.info(
+        "config_reloaded", callers=len(config.callers), admin_keys=len(config.admin.key_sha256)
+    )
 
 
 def _run(coro: Coroutine[Any, Any, None]) -> None:
+    run: Callable[[Coroutine[Any, Any, None]], None]
     try:
         import uvloop
     except ImportError:
-        asyncio.run(coro)
+        run = asyncio.run
     else:
-        uvloop.run(coro)
+        run = uvloop.run
+    # Outside the except block: an exception from the service does not carry the
+    # ImportError as its context ("During handling of the above exception...").
+    run(coro)
 
 
 def _config_path(args: argparse.Namespace) -> str:
@@ -134,7 +158,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"{path}: {problem}")
-        print(f"{len(exc.problems)} problem(s) found")
+        if not isinstance(exc, ConfigFileError):  # a file that cannot be read: its one line
+            print(f"{len(exc.problems)} problem(s) found")
         return 1
     source = config.credential.source
     print(f"{path}: OK ({len(config.callers)} caller(s), credential source {source!r})")

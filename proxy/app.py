@@ -17,7 +17,7 @@ from aiohttp import web
 
 from .auth import Authenticator
 from .cache import Fetcher, InvoiceCache
-from .config import CallerConfig, Config, CredentialConfig
+from .config import AdminConfig, CallerConfig, Config, CredentialConfig
 from .credential import CredentialSource, CredentialStore, EnvSource, FileSource, running
 from .handlers import AdminHandlers, InvoiceHandler, observe
 from .metrics import Metrics
@@ -30,6 +30,7 @@ CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
 CREDENTIALS = web.AppKey("credentials", CredentialStore)
 CALLERS = web.AppKey("callers", Authenticator)
+ADMINS = web.AppKey("admins", Authenticator)  # the admin keys (purge); SIGHUP replaces them
 CACHE = web.AppKey("cache", InvoiceCache)
 UPSTREAM = web.AppKey("upstream", Upstream)
 ADMIN_APP = web.AppKey("admin_app", web.Application)
@@ -90,9 +91,8 @@ def init_app(
         api.cleanup_ctx.append(store.lifetime)  # closed after the fetches under way
     api.cleanup_ctx.append(_cache_ctx)
 
-    admins = Authenticator(
-        [CallerConfig("admin", config.admin.key_sha256, ("*",))] if config.admin.key_sha256 else []
-    )
+    admins = Authenticator(admin_callers(config.admin))
+    api[ADMINS] = admins
     openapi = resources.files("proxy").joinpath("openapi.yaml").read_bytes()
     admin_handlers = AdminHandlers(metrics, credentials, cache, admins, openapi, shared)
     admin = web.Application(middlewares=[observe(None)], client_max_size=1024)
@@ -103,6 +103,11 @@ def init_app(
     admin.router.add_delete(PURGE_PATH, admin_handlers.purge)
     api[ADMIN_APP] = admin
     return api
+
+
+def admin_callers(config: AdminConfig) -> list[CallerConfig]:
+    """The admin keys as one caller, `admin`; none when purge is disabled."""
+    return [CallerConfig("admin", config.key_sha256, ("*",))] if config.key_sha256 else []
 
 
 async def _credentials_ctx(app: web.Application) -> AsyncIterator[None]:

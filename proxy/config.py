@@ -7,11 +7,14 @@ caller keys are SHA-256 digests and the PlanetScale token comes from a source.
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import re
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from .shared import SharedConfig
@@ -30,6 +33,14 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+class ConfigFileError(ConfigError):
+    """The file itself cannot be used (missing, unreadable, not UTF-8, not TOML): one problem,
+    which does not name the file (the caller prints the path beside it)."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__([problem])
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +224,11 @@ class _Section:
             "a number",
             lambda v: isinstance(v, int | float) and not isinstance(v, bool),
         )
+        # TOML has nan and inf; compared with a bound, nan is never out of range, so a
+        # `rate_per_s = nan` would pass and switch the cap off.
+        if isinstance(value, float) and not math.isfinite(value):
+            self.problem(key, "expected a finite number")
+            return default
         return float(self._range(key, value, default, lo, hi))
 
     def _range(self, key: str, value: T, default: T, lo: Any, hi: Any) -> T:
@@ -265,6 +281,64 @@ class _Section:
         for key in self._data:
             if key not in self._seen:
                 self.problem(key, "unknown key")
+
+
+_HOST = re.compile(r"[A-Za-z0-9._-]+")  # a DNS name or an IPv4 address
+# RFC 3986 path characters: the upstream client sends the path as it is written.
+_URL_PATH = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,;=:@/-]|%[0-9A-Fa-f]{2})*")
+
+
+def url_problem(
+    value: str,
+    schemes: tuple[str, ...] = ("http", "https"),
+    *,
+    expected: str = "expected an http:// or https:// URL",
+    userinfo: str = "must not hold userinfo (user:password@)",
+    query: bool = False,
+) -> str | None:
+    """What is wrong with `value` as a `scheme://host[:port][/path]` URL, or None.
+
+    The message never quotes the value: a URL may carry a password in its userinfo.
+    """
+    if any(c.isspace() or not c.isprintable() for c in value):
+        return "must not contain whitespace or control characters"
+    if not value.isascii():
+        return "must be ASCII (the host in punycode, the path percent-encoded)"
+    try:
+        url = urlsplit(value)
+    except ValueError:
+        return f"{expected} (it does not parse)"
+    if url.scheme not in schemes or not value.lower().startswith(f"{url.scheme}://"):
+        return expected
+    netloc = url.netloc
+    if "@" in netloc:
+        return userinfo
+    if netloc.startswith("["):
+        host, bracket, rest = netloc[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return "the host is not a valid IPv6 address"
+        if not bracket or (rest and not rest.startswith(":")):
+            return "the host is not a valid IPv6 address"
+        port = rest[1:] if rest else None
+    else:
+        host, colon, port_text = netloc.partition(":")
+        if not host:
+            return expected
+        if not _HOST.fullmatch(host):
+            return "the host must be a DNS name or an IP address"
+        port = port_text if colon else None
+    # Digits only: int() would also take "+80" or "0x50", which HTTP clients do not.
+    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+        return "the port must be a number from 1 to 65535"
+    if not query and "?" in value:
+        return "must not have a query (?...)"
+    if "#" in value:
+        return "must not have a fragment (#...)"
+    if not _URL_PATH.fullmatch(url.path):
+        return "the path holds a character a URL may not (percent-encode it)"
+    return None
 
 
 def _port(s: _Section, key: str, default: int) -> int:
@@ -324,8 +398,9 @@ def _upstream(s: _Section) -> UpstreamConfig:
         fleet_burst=s.integer("fleet_burst", d.fleet_burst, 1, 100_000),
         fleet_max_wait_s=s.number("fleet_max_wait_s", d.fleet_max_wait_s, 0, 600),
     )
-    if not re.match(r"https?://[^/\s]+", c.base_url):
-        s.problem("base_url", "expected an http:// or https:// URL")
+    problem = url_problem(c.base_url)
+    if problem:
+        s.problem("base_url", problem)
     s.finish()
     return c
 
@@ -376,8 +451,9 @@ def _vault(v: _Section, required: bool) -> VaultConfig:
         jwt_file=v.string("jwt_file", d.jwt_file),
     )
     if required:
-        if c.address and not re.match(r"https?://[^/\s]+", c.address):
-            v.problem("address", "expected an http:// or https:// URL")
+        problem = url_problem(c.address) if c.address else None
+        if problem:
+            v.problem("address", problem)
         if c.auth == "approle":
             if not c.role_id:
                 v.problem("role_id", "is required when auth = 'approle'")
@@ -465,15 +541,43 @@ def parse_config(data: dict[str, Any]) -> Config:
     return Config(server, upstream, credential, cache, admin, logging, callers, shared)
 
 
+_MAX_FILE_BYTES = 4 * 1024 * 1024  # a configuration is a few KiB; beyond this, not one
+
+
 def load_config(path: str) -> Config:
-    """Read and parse a TOML file; every failure is a ConfigError naming the problem."""
+    """Read and parse a TOML file; every failure is a ConfigError naming the problem.
+
+    A file that cannot be used at all raises ConfigFileError: one problem, no traceback,
+    nothing of the file's content but what tomllib says about the place of an error.
+    """
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            raw = f.read(_MAX_FILE_BYTES + 1)
     except FileNotFoundError:
-        raise ConfigError([f"{path}: no such file"]) from None
+        raise ConfigFileError("no such file") from None
+    except IsADirectoryError:
+        raise ConfigFileError("is a directory, not a file") from None
     except OSError as exc:
-        raise ConfigError([f"{path}: cannot be read ({exc.strerror})"]) from None
+        raise ConfigFileError(f"cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if len(raw) > _MAX_FILE_BYTES:
+        raise ConfigFileError(f"is larger than {_MAX_FILE_BYTES} bytes: not a configuration")
+    try:
+        text = raw.decode("utf-8-sig")  # a byte order mark, as some editors write, is harmless
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigFileError(
+            f"not UTF-8 (invalid byte at line {line}, column {column}); TOML files are UTF-8"
+        ) from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{path}: not valid TOML ({exc})"]) from None
+        raise ConfigFileError(f"not valid TOML ({_one_line(str(exc))})") from None
+    except RecursionError:
+        raise ConfigFileError("not valid TOML (nested too deeply)") from None
     return parse_config(data)
+
+
+def _one_line(message: str) -> str:
+    """tomllib's message on one printable line (it may quote a character of the file)."""
+    return "".join(c if c.isprintable() else "?" for c in " ".join(message.split()))

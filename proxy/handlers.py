@@ -7,6 +7,7 @@ SPEC's JSON body, and emits the one log line and the metrics of each request.
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import secrets
 import time
@@ -48,8 +49,30 @@ _ID_PREFIX = secrets.token_hex(8)
 _id_counter = itertools.count(1)
 
 
+def _draw_id_prefix_after_fork() -> None:
+    """A forked worker (`server.workers`) would otherwise hand out its parent's ids."""
+    global _ID_PREFIX, _id_counter
+    _ID_PREFIX = secrets.token_hex(8)
+    _id_counter = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_draw_id_prefix_after_fork)
+
+
 def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):016x}"
+
+
+def authorization(request: web.Request) -> str | None:
+    """The one `Authorization` header, or None; two of them are refused.
+
+    With two, which one names the caller would depend on their order, and a proxy or
+    client in front may have added one: the request is ambiguous, not the first's.
+    """
+    values = request.headers.getall(hdrs.AUTHORIZATION, ())
+    if len(values) > 1:
+        raise errors.invalid_request("send one Authorization header, not several")
+    return values[0] if values else None
 
 
 def observe(metrics: Metrics | None) -> Middleware:
@@ -144,7 +167,7 @@ class InvoiceHandler:
         self._clock = clock
 
     async def get(self, request: web.Request) -> web.Response:
-        caller = self._callers.authenticate(request.headers.get(hdrs.AUTHORIZATION))
+        caller = self._callers.authenticate(authorization(request))
         request[CALLER] = caller.name
         organization, invoice_id = invoice_key(request)
         caller.authorize(organization)
@@ -235,7 +258,7 @@ class AdminHandlers:
         )
 
     async def purge(self, request: web.Request) -> web.Response:
-        admin = self._admins.authenticate(request.headers.get(hdrs.AUTHORIZATION))
+        admin = self._admins.authenticate(authorization(request))
         request[CALLER] = admin.name
         organization, invoice_id = invoice_key(request)
         found = self._cache.purge((organization, invoice_id))

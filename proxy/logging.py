@@ -37,13 +37,24 @@ _TRUSTED_VALUES = frozenset(
         "previous_version", "attempt", "delay_ms", "state",
     }
 )  # fmt: skip
-# Values that look like secrets wherever they appear in a string.
+# Values that look like secrets wherever they appear in a string. Every alternative is
+# greedy over its characters, so a match never ends inside a secret it started on.
 _SECRET_VALUES = re.compile(
     r"(?i)(bearer\s+\S+"
     r"|pscale_(?:tkn|oauth)_\S+"  # PlanetScale service and OAuth tokens
     r"|\b(?:hvs|hvb|hvr|s|b)\.[A-Za-z0-9_-]{20,}"  # Vault / OpenBao tokens
     r"|\bey[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]*"  # JWTs
-    r"|\b[A-Za-z0-9_-]{8,}:[A-Za-z0-9_-]{24,})"  # token_id:token, an Authorization value
+    # The userinfo of any URL (redis://user:password@host), whatever came before it
+    r"|//[^\s/?#]*@"
+    r"|\b(?:password|passwd|secret|token)=[^\s&]+"  # a secret as a query or form value
+    # token_id:token (an Authorization value), base64 tokens included, not `scheme://`.
+    # The token alone when an earlier match ended at its colon (`s.<20 chars>:<token>`).
+    r"|(?:[A-Za-z0-9_-]+|(?<=[A-Za-z0-9_-])):(?!//)[A-Za-z0-9_+/=-]{24,}"
+    # A bare key (`new-caller-key`: 43 URL-safe characters), a hex key or a UUID: a whole
+    # run of 32 or more such characters with a letter and a digit. Names and identifiers
+    # in messages (class names, metric names) rarely hold both.
+    r"|(?<![A-Za-z0-9_-])(?=[A-Za-z0-9_-]*[A-Za-z])(?=[A-Za-z0-9_-]*[0-9])[A-Za-z0-9_-]{32,}"
+    r"(?![A-Za-z0-9_-]))"
 )
 _SECRET, _TRUSTED, _SCAN = 0, 1, 2
 _key_kinds: dict[str, int] = {}

@@ -25,7 +25,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
-from urllib.parse import urlsplit
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -37,7 +36,7 @@ from redis.exceptions import RedisError
 
 from . import errors
 from .cache import Fetcher
-from .config import UpstreamConfig, _Section
+from .config import UpstreamConfig, _Section, url_problem
 from .resilience import CircuitBreaker, CircuitState
 from .upstream import Fetched
 
@@ -151,16 +150,17 @@ def parse_shared(s: _Section, upstream: UpstreamConfig | None = None) -> SharedC
         fleet_max_wait_s=u.fleet_max_wait_s,
     )
     if c.redis_url:
-        url = urlsplit(c.redis_url)
-        if url.scheme not in ("redis", "rediss") or not url.hostname:
-            s.problem("redis_url", "expected a redis:// or rediss:// (TLS) URL")
-        elif url.password is not None or url.username is not None:
-            s.problem(
-                "redis_url",
-                "must not hold credentials: name the user in shared.username and the "
-                "password's file in shared.password_file",
-            )
-        if c.ca_file and url.scheme != "rediss":
+        problem = url_problem(
+            c.redis_url,
+            ("redis", "rediss"),
+            expected="expected a redis:// or rediss:// (TLS) URL",
+            userinfo="must not hold credentials: name the user in shared.username and the "
+            "password's file in shared.password_file",
+            query=True,  # redis-py reads connection options from the query
+        )
+        if problem:
+            s.problem("redis_url", problem)
+        if c.ca_file and not c.redis_url.lower().startswith("rediss://"):
             s.problem("ca_file", "is only used with a rediss:// URL")
     if c.username and not c.password_file:
         s.problem("username", "needs shared.password_file")

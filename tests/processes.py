@@ -45,3 +45,17 @@ class ServerProcess:
         assert self.process is not None
         self.process.send_signal(signal.SIGCONT)
         self._paused = False
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports (the admin ports of `server.workers`)."""
+    for _ in range(50):
+        first = free_port()
+        try:
+            for port in range(first + 1, first + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError(f"no {count} consecutive free ports")

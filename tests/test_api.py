@@ -5,12 +5,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from aiohttp import ClientResponse
+from multidict import CIMultiDict
 
 from proxy.auth import key_digest
 from proxy.standin import Behaviour, make_invoice
 
-from .conftest import BILLING, BILLING_KEY, REPORTING, Proxy, ProxyFactory, Upstream, invoice_path
+from .conftest import (
+    ADMIN,
+    BILLING,
+    BILLING_KEY,
+    REPORTING,
+    REPORTING_KEY,
+    Proxy,
+    ProxyFactory,
+    Upstream,
+    invoice_path,
+)
 
 
 async def assert_error(response: ClientResponse, status: int, code: str) -> dict[str, str]:
@@ -263,3 +275,39 @@ async def test_upstream_lines_of_a_request_carry_its_request_id(
     assert retry["request_id"] == "trace-42"
     request_line = next(line for line in logs if line["event"] == "request")
     assert request_line["request_id"] == "trace-42"
+
+
+TWO_AUTHORIZATIONS = {
+    "valid_first": (f"Bearer {BILLING_KEY}", "Bearer not-a-known-key"),
+    "valid_second": ("Bearer not-a-known-key", f"Bearer {BILLING_KEY}"),
+    "same_twice": (f"Bearer {BILLING_KEY}", f"Bearer {BILLING_KEY}"),
+    "two_callers": (f"Bearer {BILLING_KEY}", f"Bearer {REPORTING_KEY}"),
+    "one_empty": ("", f"Bearer {BILLING_KEY}"),
+}
+
+
+@pytest.mark.parametrize("values", TWO_AUTHORIZATIONS.values(), ids=TWO_AUTHORIZATIONS.keys())
+async def test_two_authorization_headers_are_refused_whichever_comes_first(
+    proxy: Proxy, upstream: Upstream, values: tuple[str, str]
+) -> None:
+    headers = CIMultiDict([("Authorization", value) for value in values])
+    body = await assert_error(
+        await proxy.api.get(invoice_path(), headers=headers), 400, "invalid_request"
+    )
+    assert "Authorization" in body["message"]
+    assert upstream.standin.stats.requests == 0
+    assert (await proxy.api.get(invoice_path(), headers=BILLING)).status == 200
+
+
+@pytest.mark.parametrize("valid_first", [True, False], ids=["valid_first", "valid_second"])
+async def test_two_authorization_headers_on_the_purge_are_refused(
+    proxy: Proxy, valid_first: bool
+) -> None:
+    assert (await proxy.api.get(invoice_path(), headers=BILLING)).status == 200
+    values = [ADMIN["Authorization"], "Bearer not-an-admin-key"]
+    headers = CIMultiDict([("Authorization", v) for v in (values if valid_first else values[::-1])])
+    purge = "/cache/organizations/acme/invoices/inv_2025_01"
+    await assert_error(await proxy.admin.delete(purge, headers=headers), 400, "invalid_request")
+    # Nothing was purged: the next read is still a hit.
+    response = await proxy.api.get(invoice_path(), headers=BILLING)
+    assert response.headers["X-Cache"] == "HIT"

@@ -1,23 +1,27 @@
-"""`invoice-proxy serve` as a real process: graceful SIGTERM, SIGHUP reload of callers."""
+"""`invoice-proxy serve` as a real process: graceful SIGTERM, SIGHUP reloads, workers."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 import tomllib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from proxy.auth import key_digest
+from proxy.auth import Authenticator, key_digest
+from proxy.config import CallerConfig, parse_config
 from proxy.standin import Behaviour
 
 from .conftest import (
+    ADMIN,
+    ADMIN_KEY,
     BILLING,
     BILLING_KEY,
     TOKEN_ID,
@@ -26,7 +30,7 @@ from .conftest import (
     invoice_path,
     write_credential,
 )
-from .processes import free_port
+from .processes import free_port, free_ports
 
 
 def to_toml(data: dict[str, Any], prefix: str = "") -> str:
@@ -72,16 +76,18 @@ class Served:
 async def served(
     upstream: Upstream, credential_file: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[Served]:
-    """`invoice-proxy serve` in a subprocess. Parametrize it indirectly with a dict of
-    configuration sections to override them."""
-    port, admin_port = free_port(), free_port()
+    """`invoice-proxy serve` in a subprocess, once it has started (the first worker, with
+    `server.workers`). Parametrize it indirectly with a dict of configuration sections to
+    override them."""
     sections = dict(getattr(request, "param", {}))
+    server = sections.pop("server", {})
+    port, admin_port = free_port(), free_ports(server.get("workers", 1))
     if "credential" in sections:
         sections["credential"]["file"]["path"] = str(credential_file)
     data = config_dict(
         upstream.base_url,
         credential_file,
-        server={"port": port, "admin_port": admin_port},
+        server={"port": port, "admin_port": admin_port, **server},
         **sections,
     )
     path = tmp_path / "config.toml"
@@ -89,7 +95,7 @@ async def served(
     assert tomllib.loads(path.read_text())["server"]["port"] == port
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "serve", "--config", str(path),
-        stdout=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     served = Served(process, port, admin_port)
     served.config_path = path  # type: ignore[attr-defined]
@@ -98,8 +104,17 @@ async def served(
         yield served
     finally:
         if process.returncode is None:
-            process.kill()
-            await process.wait()
+            os.killpg(process.pid, signal.SIGKILL)  # the workers too, whatever happened
+        await asyncio.wait_for(process.wait(), timeout=10)
+
+
+async def stop(served: Served) -> str:
+    """SIGTERM, a clean exit; what the process wrote to stdout and stderr on the way."""
+    assert served.process.stdout is not None and served.process.stderr is not None
+    served.process.send_signal(signal.SIGTERM)
+    out, err = await asyncio.wait_for(served.process.communicate(), timeout=20)
+    assert served.process.returncode == 0
+    return out.decode() + err.decode()
 
 
 async def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(
@@ -171,3 +186,135 @@ async def test_sighup_reads_the_credential_at_once(
         assert response.status == 200
     # A refusal would have shown: the new token was in use before the first request.
     assert upstream.standin.stats.unauthorized == 0
+
+
+NOT_A_CONFIG = {
+    "not_utf8": (
+        b'[server]\nhost = "caf\xe9"\n',
+        "not UTF-8 (invalid byte at line 2, column 12); TOML files are UTF-8",
+    ),
+    "not_toml": (
+        b"[server\nport = ",
+        "not valid TOML (Expected ']' at the end of a table declaration (at line 1, column 8))",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", NOT_A_CONFIG)
+async def test_sighup_with_a_file_that_is_not_a_configuration_logs_one_line_and_serves_on(
+    served: Served, name: str
+) -> None:
+    path: Path = served.config_path  # type: ignore[attr-defined]
+    content, problem = NOT_A_CONFIG[name]
+    path.write_bytes(content)
+    served.process.send_signal(signal.SIGHUP)
+    failed = await served.read_until("config_reload_failed")
+    assert failed["problems"] == [problem]
+    assert failed["level"] == "error" and "exception" not in failed
+    async with aiohttp.ClientSession() as session:
+        response = await session.get(served.url + invoice_path(), headers=BILLING)
+        assert response.status == 200
+    # A second SIGHUP, the same answer: the signal handler is still in place.
+    served.process.send_signal(signal.SIGHUP)
+    assert (await served.read_until("config_reload_failed"))["problems"] == [problem]
+    output = await stop(served)
+    assert "Traceback" not in output and "During handling" not in output
+
+
+async def test_sighup_reloads_the_admin_keys(served: Served) -> None:
+    path: Path = served.config_path  # type: ignore[attr-defined]
+    new_admin = {"Authorization": f"Bearer {NEW_ADMIN_KEY}"}
+    purge = served.admin_url + "/cache/organizations/acme/invoices/inv_2025_01"
+    async with aiohttp.ClientSession() as session:
+        assert (await session.get(served.url + invoice_path(), headers=BILLING)).status == 200
+        assert (await session.delete(purge, headers=new_admin)).status == 401
+        text = path.read_text()
+        assert f'"{key_digest(ADMIN_KEY)}"' in text
+        path.write_text(text.replace(key_digest(ADMIN_KEY), key_digest(NEW_ADMIN_KEY)))
+        served.process.send_signal(signal.SIGHUP)
+        reloaded = await served.read_until("config_reloaded")
+        assert reloaded["admin_keys"] == 1
+        assert (await session.delete(purge, headers=ADMIN)).status == 401
+        assert (await session.delete(purge, headers=new_admin)).status == 204
+        assert (await session.delete(purge, headers=new_admin)).status == 404
+        # The purge took: the next request goes to PlanetScale again.
+        response = await session.get(served.url + invoice_path(), headers=BILLING)
+        assert response.headers["X-Cache"] == "MISS"
+
+
+NEW_ADMIN_KEY = "admin-rotated-KEY-0123456789abcdefghijklmnopq"
+
+
+class _FailingAuthenticator(Authenticator):
+    """Replacing its callers fails with an exception no reload expects."""
+
+    def __init__(self, callers: Iterable[CallerConfig]) -> None:
+        super().__init__(callers)
+        self.built = True
+
+    def replace(self, callers: Iterable[CallerConfig]) -> None:
+        if getattr(self, "built", False):
+            raise RuntimeError(f"boom {NEW_ADMIN_KEY}")
+        super().replace(callers)
+
+
+def test_a_reload_that_fails_unexpectedly_logs_the_class_only(tmp_path: Path) -> None:
+    from structlog.testing import capture_logs
+
+    from proxy.__main__ import _reload
+    from proxy.app import CALLERS, init_app
+
+    data = config_dict("http://127.0.0.1:1/v1", tmp_path / "cred.json")
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(data))
+    app = init_app(parse_config(data))
+    app[CALLERS] = _FailingAuthenticator(parse_config(data).callers)
+    with capture_logs() as logs:
+        _reload(app, str(path))
+    assert [line["event"] for line in logs] == ["config_reload_failed"]
+    assert logs[0]["problems"] == ["the reload failed unexpectedly (RuntimeError)"]
+    assert NEW_ADMIN_KEY not in str(logs)
+
+
+@pytest.mark.parametrize("served", [{"server": {"workers": 2}}], indirect=True)
+async def test_two_workers_hand_out_distinct_request_ids(served: Served) -> None:
+    """Each worker draws its own id prefix after the fork; no id is handed out twice."""
+    await served.read_until("started")  # the other worker
+    assert sorted(line["worker"] for line in served.lines if line["event"] == "started") == [0, 1]
+    assert served.process.stdout is not None
+    drain = asyncio.create_task(served.process.stdout.read())  # the pipe never fills
+    ids: list[str] = []
+    connector = aiohttp.TCPConnector(force_close=True)  # a new connection each time
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for _ in range(200):  # the kernel spreads connections over the two workers
+            async with session.get(served.url + invoice_path(), headers=BILLING) as response:
+                assert response.status == 200
+                ids.append(response.headers["X-Request-ID"])
+            if len(ids) >= 40 and len({i[:16] for i in ids}) == 2:
+                break
+    assert len({i[:16] for i in ids}) == 2, "both workers answered, each with its own prefix"
+    assert len(set(ids)) == len(ids)
+    served.process.send_signal(signal.SIGTERM)
+    await asyncio.wait_for(served.process.wait(), timeout=20)
+    await drain
+
+
+class _Failure(Exception):
+    pass
+
+
+def test_a_failure_in_the_service_does_not_carry_the_uvloop_import_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without uvloop the service runs on asyncio; its traceback is its own, with no
+    "During handling of the above exception" about the missing module."""
+    from proxy.__main__ import _run
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # `import uvloop` raises ImportError
+
+    async def service() -> None:
+        raise _Failure
+
+    with pytest.raises(_Failure) as caught:
+        _run(service())
+    assert caught.value.__context__ is None and caught.value.__cause__ is None

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
+import string
 from pathlib import Path
 
+import pytest
 import structlog
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from proxy import logging as proxy_logging
 from proxy.app import CREDENTIALS
@@ -121,3 +126,117 @@ def test_timestamps_match_structlogs_iso_format() -> None:
     reference = structlog.processors.TimeStamper(fmt="iso", utc=True)(None, "info", {})
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp)
     assert stamp[:16] == reference["timestamp"][:16]  # same minute, same shape
+
+
+# --- the redaction net, by property ---------------------------------------------------
+
+URLSAFE = string.ascii_letters + string.digits + "_-"
+USERINFO = string.ascii_letters + string.digits + "-._~!$&'()*+,;=%:"
+
+
+def rendered(**fields: object) -> str:
+    """One log line as the service writes it (the processors `configure` installs)."""
+    stream = io.StringIO()
+    proxy_logging.configure("debug", "json", stream=stream, cache=False)
+    try:
+        structlog.get_logger("proxy").error("oops", **fields)
+    finally:
+        structlog.reset_defaults()
+    proxy_logging.flush_logs()
+    return stream.getvalue()
+
+
+def _letter_and_digit(value: str) -> bool:
+    return any(c.isalpha() for c in value) and any(c.isdigit() for c in value)
+
+
+# `new-caller-key` (token_urlsafe(32)), other lengths, hex keys, UUIDs. A key of only
+# letters (one `new-caller-key` in about 1,500 has no digit) has no shape to tell it
+# from a long name: the net does not promise it.
+bare_keys = st.one_of(
+    st.text(st.sampled_from(URLSAFE), min_size=32, max_size=64).filter(_letter_and_digit),
+    st.binary(min_size=32, max_size=32).map(lambda b: base64.urlsafe_b64encode(b).decode()[:43]),
+    st.binary(min_size=16, max_size=32).map(bytes.hex).filter(_letter_and_digit),
+    st.uuids().map(str).filter(_letter_and_digit),
+).filter(_letter_and_digit)
+# token_id:token with a short id, a base64 token (+ / =), PlanetScale's shape.
+id_token_pairs = st.tuples(
+    st.text(st.sampled_from(URLSAFE), min_size=1, max_size=20),
+    st.one_of(
+        st.text(st.sampled_from(URLSAFE + "+/="), min_size=24, max_size=64),
+        st.binary(min_size=18, max_size=48).map(lambda b: base64.b64encode(b).decode()),
+    ).filter(lambda token: not token.startswith("//")),  # `x://...` is a URL, not a pair
+)
+redis_urls = st.tuples(
+    st.sampled_from(["redis", "rediss", "REDIS"]),
+    st.text(st.sampled_from(USERINFO.replace(":", "")), max_size=12),
+    st.text(st.sampled_from(USERINFO + "@"), min_size=8, max_size=32),
+    st.from_regex(r"[a-z][a-z0-9.-]{0,20}(:[0-9]{1,5})?(/[0-9])?", fullmatch=True),
+)
+surroundings = st.text(max_size=30) | st.text(st.sampled_from(URLSAFE + ":/.@= "), max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    key=bare_keys,
+    before=surroundings,
+    after=surroundings,
+    field=st.sampled_from(["error", "detail", "reason"]),
+)
+def test_a_bare_key_never_reaches_a_log_line(key: str, before: str, after: str, field: str) -> None:
+    assume(key not in before + after)
+    assert key not in rendered(**{field: before + key + after})
+
+
+@settings(max_examples=200, deadline=None)
+@given(pair=id_token_pairs, before=surroundings, after=surroundings)
+def test_an_id_token_pair_never_leaves_its_token_in_a_log_line(
+    pair: tuple[str, str], before: str, after: str
+) -> None:
+    token_id, token = pair
+    assume(token not in before + after)
+    assert token not in rendered(error=f"{before}{token_id}:{token}{after}")
+
+
+@settings(max_examples=200, deadline=None)
+@given(url=redis_urls, before=surroundings, after=surroundings)
+def test_a_redis_url_never_leaves_its_password_in_a_log_line(
+    url: tuple[str, str, str, str], before: str, after: str
+) -> None:
+    scheme, user, password, host = url
+    assume(password not in before + after + host)
+    line = rendered(error=f"{before}{scheme}://{user}:{password}@{host}{after}")
+    assert password not in line
+    assert f"{user}:{password}@" not in line
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "upstream_failed",
+        "UpstreamInvalidResponseError",
+        "aiohttp.client_exceptions.ClientConnectorCertificateError",
+        "invoice_proxy_credential_last_reload_timestamp_seconds",
+        "2026-12-01T23:02:34.123456Z",
+        "redis://redis.internal:6380/0",
+        "https://api.planetscale.com/v1",
+        "http://invoice-proxy-upstream-standin-service:8080/v1",
+        "secret/data/planetscale/invoice-proxy",
+        "/vault/secrets/planetscale.json",
+        "cannot connect to Vault at https://vault.internal:8200: connection refused",
+        "callers[0].key_sha256[0]: expected 64 lowercase hex digits (a SHA-256 digest)",
+        "inv_2025_01",
+        "x" * 64,
+    ],
+)
+def test_ordinary_values_are_left_alone(value: str) -> None:
+    assert json.loads(rendered(error=value))["error"] == value
+
+
+def test_fields_the_code_fills_itself_are_not_scanned() -> None:
+    """A 64-hex invoice id is a valid id; in the fields the code validated, it is logged
+    as it is. Elsewhere a 64-hex string is masked: a hex-encoded key looks the same."""
+    hex_id = "0123456789abcdef" * 4
+    line = json.loads(rendered(invoice_id=hex_id, request_id=hex_id[:32], error=hex_id))
+    assert line["invoice_id"] == hex_id and line["request_id"] == hex_id[:32]
+    assert line["error"] == "[redacted]"
