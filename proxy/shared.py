@@ -10,6 +10,10 @@ Redis is a helper, never a dependency: every command has a short timeout, a fail
 Redis is left alone for a moment (one probe a `retry_interval_s`), each outage is
 logged once, and meanwhile every request takes the local path (the local cache, then
 PlanetScale under the per-process rate cap) as if the shared level were not there.
+
+Redis is untrusted input too: a value read from it passes the same check as an
+upstream body, for the requested invoice, or it is a counted shared miss that this
+replica's fetch overwrites; the lock and budget keys are checked and always expire.
 """
 
 from __future__ import annotations

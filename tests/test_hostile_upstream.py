@@ -78,7 +78,10 @@ def _numbers_fit_a_double(value: Any) -> bool:
     if isinstance(value, float):
         return math.isfinite(value)
     if isinstance(value, int) and not isinstance(value, bool):
-        return abs(value) < 2**1024
+        try:
+            float(value)
+        except OverflowError:
+            return False
     return True
 
 
