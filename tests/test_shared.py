@@ -1003,3 +1003,20 @@ async def test_purge_with_redis_down_is_503_saying_the_fleet_copy_may_remain(
     assert "this replica's copy was dropped" in (await cached.json())["message"]
     assert "this replica had none" in (await not_cached.json())["message"]
     assert (await get(proxy, "inv_1")).headers["X-Cache"] == "MISS", "the local copy is gone"
+
+
+async def test_an_invalid_upstream_body_is_never_shared(
+    make_proxy: ProxyFactory,
+    upstream: Upstream,
+    redis_server: RedisServer,
+    inspect: redis.asyncio.Redis,
+) -> None:
+    one = await make_proxy(**fleet_sections(redis_server))
+    two = await make_proxy(**fleet_sections(redis_server))
+    upstream.standin.behave("inv_1", Behaviour("body", body='{"id": "inv_2", "total": 1}'))
+    for proxy in (one, two):
+        response = await get(proxy, "inv_1")
+        assert response.status == 502
+        assert (await response.json())["code"] == "upstream_invalid_response"
+    assert upstream.standin.requests_for("inv_1") == 2
+    assert await inspect.get(f"invoice-proxy:{FORMAT_VERSION}:inv:{{acme:inv_1}}") is None
