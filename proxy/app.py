@@ -73,7 +73,14 @@ def init_app(
 
         shared_metrics = SharedMetrics(metrics.registry)
         store = SharedStore(config.shared, shared_metrics, clock=clock)
-        shared = SharedLevel(config.shared, store, upstream.fetch, cache.lifetimes, shared_metrics)
+        shared = SharedLevel(
+            config.shared,
+            store,
+            upstream.fetch,
+            cache.lifetimes,
+            shared_metrics,
+            upstream_config=config.upstream,
+        )
         fetch = shared.fetch
     invoices = InvoiceHandler(callers, cache, fetch, clock)
 

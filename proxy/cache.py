@@ -92,6 +92,9 @@ class InvoiceCache:
         self._clock = clock
         self._store = _Store(config.max_bytes, metrics.cache_evictions.inc)
         self._inflight: dict[Key, asyncio.Task[Entry]] = {}
+        # Fetches under way when their key was purged: their answer goes to the callers
+        # already waiting for it, never into the cache (it may be what was purged).
+        self._purged: set[asyncio.Task[Entry]] = set()
         self._hit = metrics.lookup_hit
         self._miss = metrics.cache_lookups.labels(result=MISS)
         self._coalesced = metrics.cache_lookups.labels(result="coalesced")
@@ -155,6 +158,8 @@ class InvoiceCache:
         now = self._clock()
         fresh_until, stale_until = self.lifetimes(fetched)
         entry = Entry(fetched.status, fetched.body, fresh_until, stale_until, key)
+        if asyncio.current_task() in self._purged:
+            return entry
         if stale_until > now:
             self._put(key, entry)
         elif self._store.pop(key, None) is not None:
@@ -164,6 +169,7 @@ class InvoiceCache:
     def _fetch_done(self, key: Key, task: asyncio.Task[Entry]) -> None:
         if self._inflight.get(key) is task:
             del self._inflight[key]
+        self._purged.discard(task)
         if not task.cancelled():
             # Every waiter may have gone; the error must still count as retrieved.
             task.exception()
@@ -186,7 +192,14 @@ class InvoiceCache:
         return entry
 
     def purge(self, key: Key) -> bool:
-        """Drop one entry; False when it was not cached."""
+        """Drop one entry; False when it was not cached.
+
+        A fetch under way for the key is let go: its callers get its answer, the cache
+        does not keep it, and the next caller starts a fetch of its own.
+        """
+        task = self._inflight.pop(key, None)
+        if task is not None:
+            self._purged.add(task)
         found = self._store.pop(key, None) is not None
         self._update_gauges()
         return found
@@ -197,7 +210,7 @@ class InvoiceCache:
 
     async def close(self) -> None:
         """Cancel fetches still under way (shutdown)."""
-        tasks = list(self._inflight.values())
+        tasks = [*self._inflight.values(), *self._purged]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

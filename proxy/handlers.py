@@ -263,7 +263,20 @@ class AdminHandlers:
         organization, invoice_id = invoice_key(request)
         found = self._cache.purge((organization, invoice_id))
         if self._shared is not None:
-            found = await self._shared.purge(organization, invoice_id) or found
+            try:
+                found = await self._shared.purge(organization, invoice_id) or found
+            except ProxyError as exc:
+                # The operator must learn that the fleet's copy may have survived.
+                log.warning(
+                    "cache_purge_incomplete",
+                    organization=organization,
+                    invoice_id=invoice_id,
+                    local_dropped=found,
+                )
+                local = "this replica's copy was dropped" if found else "this replica had none"
+                raise ProxyError(
+                    exc.status, exc.code, f"{exc.message} ({local})", exc.headers
+                ) from None
         if not found:
             raise errors.not_found("this invoice is not cached")
         log.info("cache_purged", organization=organization, invoice_id=invoice_id)

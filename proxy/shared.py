@@ -10,12 +10,17 @@ Redis is a helper, never a dependency: every command has a short timeout, a fail
 Redis is left alone for a moment (one probe a `retry_interval_s`), each outage is
 logged once, and meanwhile every request takes the local path (the local cache, then
 PlanetScale under the per-process rate cap) as if the shared level were not there.
+
+Redis is untrusted input too: a value read from it passes the same check as an
+upstream body, for the requested invoice, or it is a counted shared miss that this
+replica's fetch overwrites; the lock and budget keys are checked and always expire.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import math
 import re
 import secrets
@@ -37,6 +42,7 @@ from redis.exceptions import RedisError
 from . import errors
 from .cache import Fetcher
 from .config import UpstreamConfig, _Section, url_problem
+from .invoice import InvalidInvoice, check_invoice
 from .resilience import CircuitBreaker, CircuitState
 from .upstream import Fetched
 
@@ -58,36 +64,93 @@ _FAILURES = 3
 POLL_FIRST_S = 0.01
 POLL_MAX_S = 0.1
 
+# Redis is untrusted input: any key may hold anything, of any type, with or without an
+# expiry. The scripts read with pcall where a value of another type would raise, and
+# never let a forged key without an expiry stand for good.
+
+# Take the lock on a fetch (the tail of _CLAIM and _DISCARD). A lock key of another
+# type is forged: replaced. A lock without an expiry is forged too (every lock is set
+# with PX): it is given the lifetime of a lock, so it cannot stop the fleet for good.
+_TAKE_LOCK = """
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2} end
+local holder = redis.pcall('GET', KEYS[2])
+if type(holder) == 'table' then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  return {2}
+end
+if holder == ARGV[1] then return {2} end
+if redis.call('PTTL', KEYS[2]) == -1 then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
+return {0}
+"""
 # Get the answer, or else take the lock. One round trip for the common cases. A fetch
 # keeps its token for all its claims: if a reply was lost, the lock it took is its own.
 # KEYS: value, lock. ARGV: lock token, lock lifetime (ms).
-# Returns {1, value} (an answer), {2} (this fetch holds the lock) or {0} (another does).
-_CLAIM = """
-local value = redis.call('GET', KEYS[1])
+# Returns {1, value} (an answer), {2} (this fetch holds the lock), {0} (another does)
+# or {3} (the value is not a string: dropped; count it, then claim again).
+_CLAIM = (
+    """
+local value = redis.pcall('GET', KEYS[1])
+if type(value) == 'table' then
+  redis.call('DEL', KEYS[1])
+  return {3}
+end
 if value then return {1, value} end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2} end
-if redis.call('GET', KEYS[2]) == ARGV[1] then return {2} end
-return {0}
 """
+    + _TAKE_LOCK
+)
+# Drop a value found invalid (only if it is still the one read: another replica may
+# have written a good one since), then claim as _CLAIM does.
+# KEYS: value, lock. ARGV: lock token, lock lifetime (ms), SHA-1 of the invalid value.
+_DISCARD = (
+    """
+local value = redis.pcall('GET', KEYS[1])
+if type(value) == 'table' or (value and redis.sha1hex(value) == ARGV[3]) then
+  redis.call('DEL', KEYS[1])
+  value = false
+end
+if value then return {1, value} end
+"""
+    + _TAKE_LOCK
+)
 # Store an answer (when given) and drop the lock (when this replica still holds it).
+# A fetch that held the lock stores its answer only while it still holds it: a purge
+# drops the lock, and the answer fetched before the purge is then not shared.
 # KEYS: value, lock. ARGV: lock token or '', packed answer or '', lifetime (ms, 0: none).
 _RELEASE = """
-if ARGV[2] ~= '' then
+local ours = false
+if ARGV[1] ~= '' then ours = redis.pcall('GET', KEYS[2]) == ARGV[1] end
+if ARGV[2] ~= '' and (ARGV[1] == '' or ours) then
   if tonumber(ARGV[3]) > 0 then
     redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   else
     redis.call('SET', KEYS[1], ARGV[2])
   end
 end
-if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) == ARGV[1] then
-  redis.call('DEL', KEYS[2])
-end
+if ours then redis.call('DEL', KEYS[2]) end
 return 1
+"""
+# Keep the lock while the fetch goes on. KEYS: lock. ARGV: token, lifetime (ms).
+# Returns 1 (renewed) or 0 (the lock is gone or another's: a purge, or it expired).
+_RENEW = """
+if redis.pcall('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+# A purge: the answer and any lock on its fetch (so a fetch under way does not store
+# the purged answer again). KEYS: value, lock. Returns 1 when an answer was there.
+_PURGE = """
+local found = redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[2])
+return found
 """
 # The fleet's upstream budget: GCRA on Redis's own clock, so replicas' clocks do not
 # matter. A request whose turn comes within max_wait books its slot and is told how
 # long to wait; a later one books nothing and is told when to come back.
-# KEYS: budget. ARGV: interval between requests (us), burst, max wait (us).
+# The stored time is untrusted: not a number (or not a string), NaN, or later than
+# any booking could reach (ARGV[4]) counts as no budget state. The key always has an
+# expiry: one found without is given one.
+# KEYS: budget. ARGV: interval between requests (us), burst, max wait (us), bound (us).
 # Returns {1, wait_us} (granted after wait_us) or {0, wait_us} (refused).
 _BUDGET = """
 local interval = tonumber(ARGV[1])
@@ -95,12 +158,20 @@ local burst = tonumber(ARGV[2])
 local max_wait = tonumber(ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local tat = tonumber(redis.call('GET', KEYS[1])) or now
+local stored = redis.pcall('GET', KEYS[1])
+local tat = nil
+if type(stored) == 'string' then tat = tonumber(stored) end
+if tat == nil or tat ~= tat or tat > now + tonumber(ARGV[4]) then tat = now end
 if tat < now then tat = now end
 local new_tat = tat + interval
 local wait = new_tat - burst * interval - now
 if wait < 0 then wait = 0 end
-if wait > max_wait then return {0, math.ceil(wait)} end
+if wait > max_wait then
+  if redis.call('PTTL', KEYS[1]) == -1 then
+    redis.call('PEXPIRE', KEYS[1], math.ceil((tat - now) / 1000) + 1000)
+  end
+  return {0, math.ceil(wait)}
+end
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX',
            math.ceil((new_tat - now) / 1000) + 1000)
 return {1, math.ceil(wait)}
@@ -117,7 +188,7 @@ class SharedConfig:
     timeout_s: float = 0.05  # one Redis command, connecting included
     max_connections: int = 32  # connection pool of each process
     retry_interval_s: float = 1.0  # after an outage is seen, one probe this often
-    lock_ttl_s: float = 5.0  # a replica's claim on a fetch; others wait at most this
+    lock_ttl_s: float = 5.0  # a replica's claim on a fetch, renewed while it runs
     final_ttl_s: float = 2592000.0  # Redis lifetime of final invoices (30 days); 0: none
     # Copied from [upstream] (see UpstreamConfig) by parse_shared.
     fleet_rate_per_minute: float = 300.0
@@ -181,7 +252,8 @@ class SharedMetrics:
         self.lookups = Counter(
             "invoice_proxy_shared_cache_lookups_total",
             "Local misses looked up in the shared cache: hit, miss (this replica asked "
-            "PlanetScale), coalesced (another replica's answer awaited), unavailable.",
+            "PlanetScale), coalesced (another replica's answer awaited), unavailable, "
+            "invalid (a stored value failed the check: dropped, fetched afresh).",
             ["result"],
             registry=registry,
         )
@@ -203,9 +275,9 @@ class SharedMetrics:
             "1 while the shared store answers, 0 during an outage.",
             registry=registry,
         )
-        for result in ("hit", "miss", "coalesced", "unavailable"):
+        for result in ("hit", "miss", "coalesced", "unavailable", "invalid"):
             self.lookups.labels(result=result)
-        for operation in ("ping", "get", "claim", "release", "budget", "delete"):
+        for operation in ("ping", "get", "claim", "release", "renew", "budget", "delete"):
             self.errors.labels(operation=operation)
         for result in ("granted", "waited", "refused", "unavailable"):
             self.budget.labels(result=result)
@@ -217,7 +289,7 @@ class Unavailable(Exception):
 
 
 class Shared(NamedTuple):
-    """An answer from the shared cache."""
+    """An answer from the shared cache (its layout checked; its body is checked by the level)."""
 
     status: int
     body: bytes
@@ -299,15 +371,22 @@ class SharedStore:
         self._outage_since: float | None = None
         self._redis: Redis | None = None
         self._claim: Any = None
+        self._discard: Any = None
         self._release: Any = None
+        self._renew: Any = None
+        self._purge: Any = None
         self._budget: Any = None
+        self._invalid = metrics.lookups.labels(result="invalid")
 
     async def lifetime(self, _app: object = None) -> AsyncIterator[None]:
         """aiohttp cleanup_ctx: the client (a lazy pool) lives as long as the application."""
         client = make_client(self._config)
         self._redis = client
         self._claim = client.register_script(_CLAIM)
+        self._discard = client.register_script(_DISCARD)
         self._release = client.register_script(_RELEASE)
+        self._renew = client.register_script(_RENEW)
+        self._purge = client.register_script(_PURGE)
         self._budget = client.register_script(_BUDGET)
         try:
             # Not reachable at start is an outage at once (logged); the service starts.
@@ -394,10 +473,16 @@ class SharedStore:
         await self._run("ping", lambda r: r.ping())
 
     async def get(self, organization: str, invoice_id: str) -> Shared | None:
-        """The stored answer, or None. (Does not take the lock; see `claim`.)"""
+        """The stored answer, or None (also for a value that fails `_unpack`; counted)."""
         key = self._keys(organization, invoice_id)[0]
         raw = await self._run("get", lambda r: r.get(key))
-        return _unpack(raw) if isinstance(raw, bytes) else None
+        if not isinstance(raw, bytes):
+            return None
+        try:
+            return _unpack(raw)
+        except InvalidShared as exc:
+            self.invalid(exc.reason)
+            return None
 
     @staticmethod
     def new_token() -> str:
@@ -405,18 +490,47 @@ class SharedStore:
         return secrets.token_hex(8)
 
     async def claim(self, organization: str, invoice_id: str, token: str) -> Shared | bool:
-        """The stored answer; else the lock: True when `token` holds it, False if another does."""
+        """The stored answer; else the lock: True when `token` holds it, False if another does.
+
+        A value that fails `_unpack` is counted, dropped and claimed past, as if Redis
+        had nothing.
+        """
         keys = self._keys(organization, invoice_id)
-        reply = await self._run(
-            "claim", lambda _: self._claim(keys=keys, args=[token, self._lock_ms])
-        )
-        if reply[0] == 1:
-            shared = _unpack(reply[1])
-            if shared is not None:
-                return shared
-            # Unreadable under this format version: fetch afresh and overwrite it.
-            return await self.lock(organization, invoice_id, token)
-        return bool(reply[0] == 2)
+        args = [token, self._lock_ms]
+        reply = await self._run("claim", lambda _: self._claim(keys=keys, args=args))
+        if reply[0] == 3:  # not a string: the script dropped it
+            self.invalid("type")
+            reply = await self._run("claim", lambda _: self._claim(keys=keys, args=args))
+        if reply[0] != 1:
+            return bool(reply[0] == 2)
+        try:
+            return _unpack(reply[1])
+        except InvalidShared as exc:
+            self.invalid(exc.reason)
+        return await self._discard_and_claim(keys, token, _digest(reply[1]))
+
+    async def discard(
+        self, organization: str, invoice_id: str, token: str, answer: Shared
+    ) -> Shared | bool:
+        """Drop an answer found invalid (counted by the caller), then claim as `claim` does."""
+        keys = self._keys(organization, invoice_id)
+        return await self._discard_and_claim(keys, token, _digest(_pack(answer)))
+
+    async def _discard_and_claim(self, keys: list[str], token: str, digest: str) -> Shared | bool:
+        args = [token, self._lock_ms, digest]
+        reply = await self._run("claim", lambda _: self._discard(keys=keys, args=args))
+        if reply[0] != 1:
+            return bool(reply[0] == 2)
+        try:
+            return _unpack(reply[1])  # written anew since it was read
+        except InvalidShared as exc:
+            self.invalid(exc.reason)
+            return False  # invalid again at once: wait for a good one, or the lock
+
+    def invalid(self, reason: str) -> None:
+        """A stored value failed the check: counted and logged once, never shown."""
+        self._invalid.inc()
+        log.warning("shared_value_invalid", reason=reason)
 
     async def lock(self, organization: str, invoice_id: str, token: str) -> bool:
         """Take the lock whatever is stored; False when another fetch holds it."""
@@ -441,8 +555,7 @@ class SharedStore:
                 if ttl_ms <= 0:
                     answer = None  # already stale (e.g. not_found_ttl_s = 0): not shared
             if answer is not None:
-                packed = _HEADER.pack(answer.status, answer.fresh_until, answer.stale_until)
-                packed += answer.body
+                packed = _pack(answer)
         if not packed and not token:
             return
         keys = self._keys(organization, invoice_id)
@@ -451,25 +564,75 @@ class SharedStore:
         )
 
     async def delete(self, organization: str, invoice_id: str) -> bool:
-        """Drop a stored answer; False when there was none."""
-        key = self._keys(organization, invoice_id)[0]
-        return bool(await self._run("delete", lambda r: r.delete(key)))
+        """Drop a stored answer and any lock on its fetch; False when there was no answer."""
+        keys = self._keys(organization, invoice_id)
+        return bool(await self._run("delete", lambda _: self._purge(keys=keys)))
+
+    async def renew(self, organization: str, invoice_id: str, token: str) -> bool:
+        """Extend the lock by its lifetime; False when it is no longer this token's."""
+        key = self._keys(organization, invoice_id)[1]
+        renewed = await self._run(
+            "renew", lambda _: self._renew(keys=[key], args=[token, self._lock_ms])
+        )
+        return bool(renewed == 1)
 
     async def take_budget(self, max_wait_s: float) -> Budget:
         """One upstream request from the fleet's budget; see `Budget`."""
         interval_us, burst = self._budget_args
-        args = [interval_us, burst, round(max_wait_s * 1_000_000)]
+        max_wait_us = round(max_wait_s * 1_000_000)
+        # No replica books further ahead than burst, one interval and its wait; twice
+        # that leaves room for replicas configured otherwise during a rollout.
+        bound_us = 2 * ((burst + 1) * interval_us + max_wait_us) + 1_000_000
+        args = [interval_us, burst, max_wait_us, bound_us]
         reply = await self._run(
             "budget", lambda _: self._budget(keys=[self._budget_key], args=args)
         )
-        return Budget(bool(reply[0]), int(reply[1]) / 1_000_000)
+        try:
+            granted, wait_us = int(reply[0]), int(reply[1])
+        except (TypeError, ValueError, IndexError):
+            granted, wait_us = -1, -1
+        if granted not in (0, 1) or not 0 <= wait_us <= bound_us:
+            self._metrics.errors.labels(operation="budget").inc()
+            raise Unavailable()
+        return Budget(bool(granted), wait_us / 1_000_000)
 
 
-def _unpack(raw: bytes) -> Shared | None:
+class InvalidShared(Exception):
+    """A stored value that is not an answer this replica could have written."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason  # a fixed word for logs and metrics, never the value
+
+
+def _pack(answer: Shared) -> bytes:
+    return _HEADER.pack(answer.status, answer.fresh_until, answer.stale_until) + answer.body
+
+
+def _digest(raw: bytes) -> str:
+    return hashlib.sha1(raw, usedforsecurity=False).hexdigest()
+
+
+def _unpack(raw: bytes) -> Shared:
+    """The stored answer's layout and lifetimes, checked; raise InvalidShared otherwise.
+
+    Status 200 or 404; fresh_until finite or +inf (final), stale_until not before it
+    (never NaN); a 404 is never final and has no body. The body of a 200 is checked by
+    `SharedLevel` (it knows the schema mode).
+    """
     if len(raw) < _HEADER.size:
-        return None
+        raise InvalidShared("format")
     status, fresh_until, stale_until = _HEADER.unpack_from(raw)
-    return Shared(status, raw[_HEADER.size :], fresh_until, stale_until)
+    body = raw[_HEADER.size :]
+    if status not in (200, 404):
+        raise InvalidShared("status")
+    if not (math.isfinite(fresh_until) or fresh_until == math.inf) or not (
+        stale_until >= fresh_until
+    ):
+        raise InvalidShared("lifetimes")
+    if status == 404 and (body or fresh_until == math.inf):
+        raise InvalidShared("not_found")
+    return Shared(status, body, fresh_until, stale_until)
 
 
 class SharedLevel:
@@ -478,6 +641,11 @@ class SharedLevel:
     The local cache already makes concurrent local misses one call here; this makes
     the calls of all replicas one upstream request. `lifetimes` is the local cache's
     freshness rule, so both levels keep an answer exactly as long.
+
+    What Redis holds is checked as an upstream body is (`upstream_config` gives the
+    schema mode): a value that fails is a shared miss, counted, and overwritten by
+    this replica's own fetch. A value is never kept longer than this replica would
+    keep the same answer fetched now.
     """
 
     def __init__(
@@ -488,10 +656,15 @@ class SharedLevel:
         lifetimes: Lifetimes,
         metrics: SharedMetrics,
         *,
+        upstream_config: UpstreamConfig,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._config = config
+        self._strict = upstream_config.strict_schema
+        # A holder renews its lock while it fetches, and a fetch ends within the
+        # upstream deadline; a holder that died lets its lock expire within lock_ttl_s.
+        self._max_lock_wait_s = config.lock_ttl_s + upstream_config.deadline_s
         self._store = store
         self._upstream = upstream_fetch
         self._lifetimes = lifetimes
@@ -513,32 +686,61 @@ class SharedLevel:
         store = self._store
         token = store.new_token()
         try:
-            claim = await self._twice(lambda: store.claim(organization, invoice_id, token))
+            found = await self._twice(lambda: self._claim(organization, invoice_id, token))
         except Unavailable:
             return await self._fetch_alone(organization, invoice_id)
-        if isinstance(claim, Shared):
+        if isinstance(found, Fetched):
             self._hit.inc()
-            return _fetched(claim)
-        holds = claim
-        # Another replica is fetching: wait for its answer. If it dies, its lock expires
-        # within lock_ttl_s and a claim here takes it over.
-        deadline = self._monotonic() + self._config.lock_ttl_s
+            return found
+        holds = found
+        # Another replica is fetching: wait for its answer. It renews its lock while it
+        # fetches; if it dies, the lock expires within lock_ttl_s and a claim here
+        # takes it over.
+        deadline = self._monotonic() + self._max_lock_wait_s
         delay = POLL_FIRST_S
         while not holds and (remaining := deadline - self._monotonic()) > 0:
             await self._sleep(min(delay, remaining))
             delay = min(delay * 2, POLL_MAX_S)
             try:
-                claim = await store.claim(organization, invoice_id, token)
+                found = await self._claim(organization, invoice_id, token)
             except Unavailable:
                 if not store.available:
                     return await self._fetch_alone(organization, invoice_id)
                 continue  # a stray failure: keep waiting for the holder's answer
-            if isinstance(claim, Shared):
+            if isinstance(found, Fetched):
                 self._coalesced.inc()
-                return _fetched(claim)
-            holds = claim
+                return found
+            holds = found
         self._miss.inc()
         return await self._fetch_upstream(organization, invoice_id, token if holds else None)
+
+    async def _claim(self, organization: str, invoice_id: str, token: str) -> Fetched | bool:
+        """A stored answer that passes the check; else whether `token` holds the lock."""
+        claim = await self._store.claim(organization, invoice_id, token)
+        if not isinstance(claim, Shared):
+            return claim
+        fetched = self._accepted(invoice_id, claim)
+        if fetched is not None:
+            return fetched
+        claim = await self._store.discard(organization, invoice_id, token, claim)
+        if not isinstance(claim, Shared):
+            return claim
+        return self._accepted(invoice_id, claim) or False  # else wait for a good one
+
+    def _accepted(self, invoice_id: str, shared: Shared) -> Fetched | None:
+        """The stored answer as the local cache may keep it, or None (counted, logged)."""
+        facts = None
+        if shared.status == 200:
+            try:
+                facts = check_invoice(shared.body, strict=self._strict, invoice_id=invoice_id)
+            except InvalidInvoice:
+                self._store.invalid("body")
+                return None
+        # Never longer than this replica would keep the same answer fetched now: a
+        # forged "final" open invoice, or a lifetime far ahead, is cut to that.
+        own_fresh, own_stale = self._lifetimes(Fetched(shared.status, shared.body, facts))
+        lifetimes = (min(shared.fresh_until, own_fresh), min(shared.stale_until, own_stale))
+        return Fetched(shared.status, shared.body, facts, lifetimes=lifetimes)
 
     async def _twice(self, call: Callable[[], Awaitable[T]]) -> T:
         """A store call, once more after a stray failure: going without Redis is for outages."""
@@ -559,20 +761,49 @@ class SharedLevel:
         self, organization: str, invoice_id: str, token: str | None
     ) -> Fetched:
         """Ask PlanetScale within the fleet budget, then share the answer and the lock."""
+        renewal = None
+        if token is not None:
+            renewal = asyncio.create_task(
+                self._keep_lock(organization, invoice_id, token), name="shared-lock-renewal"
+            )
         try:
-            await self._take_budget()
-            fetched = await self._upstream(organization, invoice_id)
-        except BaseException:
-            if token is not None:
-                with contextlib.suppress(Unavailable):  # counted and logged by the store
-                    await self._store.unlock(organization, invoice_id, token)
-            raise
-        fresh_until, stale_until = self._lifetimes(fetched)
-        answer = Shared(fetched.status, fetched.body, fresh_until, stale_until)
-        # Until the answer is there (or the lock gone), the other replicas wait for it.
-        with contextlib.suppress(Unavailable):  # counted and logged by the store
-            await self._twice(lambda: self._store.put(organization, invoice_id, answer, token))
-        return replace(fetched, lifetimes=(fresh_until, stale_until))
+            try:
+                await self._take_budget()
+                fetched = await self._upstream(organization, invoice_id)
+            except BaseException:
+                if token is not None:
+                    with contextlib.suppress(Unavailable):  # counted and logged by the store
+                        await self._store.unlock(organization, invoice_id, token)
+                raise
+            fresh_until, stale_until = self._lifetimes(fetched)
+            answer = Shared(fetched.status, fetched.body, fresh_until, stale_until)
+            # Until the answer is there (or the lock gone), the other replicas wait for it.
+            with contextlib.suppress(Unavailable):  # counted and logged by the store
+                await self._twice(lambda: self._store.put(organization, invoice_id, answer, token))
+            return replace(fetched, lifetimes=(fresh_until, stale_until))
+        finally:
+            if renewal is not None:
+                renewal.cancel()
+                await asyncio.gather(renewal, return_exceptions=True)
+
+    async def _keep_lock(self, organization: str, invoice_id: str, token: str) -> None:
+        """Renew the lock every third of its lifetime, so the others keep waiting for us.
+
+        Chosen over a lock as long as the upstream deadline: a replica that dies still
+        frees its invoice within lock_ttl_s, not deadline_s.
+        """
+        interval = self._config.lock_ttl_s / 3
+        while True:
+            await self._sleep(interval)
+            try:
+                if not await self._store.renew(organization, invoice_id, token):
+                    return  # purged, or expired during an outage: no longer ours to keep
+            except Unavailable:
+                continue  # counted by the store; the lock lasts two more tries
+            except Exception as exc:
+                # A bug must not pass silently; the lock then expires by itself.
+                log.error("shared_lock_renewal_failed", error=type(exc).__name__)
+                return
 
     async def _take_budget(self) -> None:
         max_wait_s = self._config.fleet_max_wait_s
@@ -594,14 +825,15 @@ class SharedLevel:
             self._granted.inc()
 
     async def purge(self, organization: str, invoice_id: str) -> bool:
-        """Drop the shared copy; False when there was none or Redis did not answer."""
+        """Drop the shared copy; False when there was none.
+
+        Redis not answering is an error (503 unavailable), never "not cached": the
+        fleet's copy may still be there.
+        """
         try:
             return await self._store.delete(organization, invoice_id)
         except Unavailable:
-            return False
-
-
-def _fetched(shared: Shared) -> Fetched:
-    return Fetched(
-        shared.status, shared.body, None, lifetimes=(shared.fresh_until, shared.stale_until)
-    )
+            raise errors.unavailable(
+                "the fleet's Redis did not answer, so its copy may still be there; retry the purge",
+                self._config.retry_interval_s,
+            ) from None

@@ -34,7 +34,7 @@ MODES = (
     "reset",  # close the connection without an answer
     "truncated",  # promise a longer body than is sent, then close
     "malformed",  # 200 with a body that is not JSON
-    "body",  # 200 with `body` as given and `content_type`
+    "body",  # 200 with `body` (text or bytes) as given and `content_type`
     "huge",  # 200 with a JSON body of `size` bytes
     "stream",  # 200 with a chunked JSON body of `size` bytes, written piece by piece
 )
@@ -48,7 +48,7 @@ class Behaviour:
     status: int = 500
     delay_s: float = 0.0
     retry_after: str | None = "1"
-    body: str = ""
+    body: str | bytes = ""  # for "body": text is sent UTF-8 encoded, bytes as they are
     content_type: str = "application/json"
     size: int = 10 * 1024 * 1024
     times: int | None = None  # misbehave this many times, then answer "ok"; None: always
@@ -176,7 +176,8 @@ class StandIn:
         elif b.mode == "malformed":
             return web.Response(body=b'{"id": "x", "total": ', content_type="application/json")
         elif b.mode == "body":
-            return web.Response(body=b.body.encode(), headers={"Content-Type": b.content_type})
+            raw = b.body.encode() if isinstance(b.body, str) else b.body
+            return web.Response(body=raw, headers={"Content-Type": b.content_type})
         elif b.mode == "stream":
             return await self._stream(request, invoice_id, b.size)
         elif b.mode == "huge":

@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import aiohttp
 import structlog
@@ -252,7 +252,7 @@ class Upstream:
         status = response.status
         if status == 200:
             body = await self._read_body(response)
-            return Fetched(200, body, self._check(response, body))
+            return Fetched(200, body, self._check(response, body, _requested_id(response)))
         if status == 404:
             return Fetched(404, b"", None)
         if status in _REJECTED:
@@ -287,12 +287,14 @@ class Upstream:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _check(self, response: aiohttp.ClientResponse, body: bytes) -> InvoiceFacts:
+    def _check(
+        self, response: aiohttp.ClientResponse, body: bytes, invoice_id: str
+    ) -> InvoiceFacts:
         if response.content_type != "application/json":
             self._metrics.upstream_invalid.inc()
             raise errors.upstream_invalid_response("PlanetScale's answer is not application/json")
         try:
-            facts = check_invoice(body, strict=self._config.strict_schema)
+            facts = check_invoice(body, strict=self._config.strict_schema, invoice_id=invoice_id)
         except InvalidInvoice as exc:
             self._metrics.upstream_invalid.inc()
             log.warning("upstream_invalid_response", reason=str(exc))
@@ -330,6 +332,12 @@ class _CircuitFailure(Exception):
 def _failure(error: ProxyError) -> Exception:
     # A 429 is PlanetScale protecting itself, not failing: it does not open the circuit.
     return error if error.status == 429 else _CircuitFailure(error)
+
+
+def _requested_id(response: aiohttp.ClientResponse) -> str:
+    # The id this answer is for is the one in the URL we sent (redirects are not
+    # followed): the last path segment, quoted by `Upstream.url`.
+    return unquote(response.url.raw_path.rsplit("/", 1)[-1])
 
 
 def _retry_after(value: str | None) -> float | None:

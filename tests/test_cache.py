@@ -365,3 +365,41 @@ async def test_an_invoice_larger_than_the_cache_is_served_not_kept(
     assert (await get(proxy, "inv_1")).status == 200
     assert (await get(proxy, "inv_1")).headers["X-Cache"] == "MISS"
     assert await metric(proxy, "invoice_proxy_cache_bytes") == 0
+
+
+async def test_purge_during_a_fetch_does_not_let_the_purged_answer_back(
+    proxy: Proxy, upstream: Upstream
+) -> None:
+    """The fetch under way answers its caller; the cache does not keep what was purged."""
+    upstream.standin.behave("inv_1", Behaviour("slow", delay_s=0.3, times=1))
+    first = asyncio.create_task(get(proxy, "inv_1"))
+    for _ in range(200):
+        if upstream.standin.requests_for("inv_1") == 1:
+            break
+        await asyncio.sleep(0.01)
+    purge = await proxy.admin.delete("/cache/organizations/acme/invoices/inv_1", headers=ADMIN)
+    assert purge.status == 404  # nothing was cached yet
+    response = await first
+    assert response.status == 200 and response.headers["X-Cache"] == "MISS"
+    assert await metric(proxy, "invoice_proxy_cache_entries") == 0
+    again = await get(proxy, "inv_1")
+    assert again.headers["X-Cache"] == "MISS"
+    assert upstream.standin.requests_for("inv_1") == 2
+
+
+async def test_a_request_after_a_purge_does_not_join_the_purged_fetch(
+    proxy: Proxy, upstream: Upstream
+) -> None:
+    upstream.standin.behave("inv_1", Behaviour("slow", delay_s=0.3, times=1))
+    first = asyncio.create_task(get(proxy, "inv_1"))
+    for _ in range(200):
+        if upstream.standin.requests_for("inv_1") == 1:
+            break
+        await asyncio.sleep(0.01)
+    await proxy.admin.delete("/cache/organizations/acme/invoices/inv_1", headers=ADMIN)
+    second = await get(proxy, "inv_1")  # not slow: answered while the first still waits
+    assert second.status == 200 and not first.done()
+    assert upstream.standin.requests_for("inv_1") == 2
+    assert (await first).status == 200
+    assert (await get(proxy, "inv_1")).headers["X-Cache"] == "HIT"  # the second's answer
+    assert upstream.standin.requests_for("inv_1") == 2

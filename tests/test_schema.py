@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -21,7 +22,7 @@ STRING_TOTAL = {**GOOD, "total": "12.50"}
 
 
 def serve(upstream: Upstream, body: object, content_type: str = "application/json") -> None:
-    text = body if isinstance(body, str) else json.dumps(body)
+    text = body if isinstance(body, str | bytes) else json.dumps(body)
     upstream.standin.behave("inv_1", Behaviour("body", body=text, content_type=content_type))
 
 
@@ -101,3 +102,55 @@ async def test_strict_schema_accepts_the_document_exactly(
     serve(upstream, GOOD)
     response = await proxy.api.get(invoice_path("acme", "inv_1"), headers=BILLING)
     assert response.status == 200
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["drift", "strict"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param(json.dumps({**GOOD, "id": "inv_2"}), id="another-invoice"),
+        pytest.param(json.dumps({**GOOD, "total": math.nan}), id="total-NaN"),
+        pytest.param(json.dumps({**GOOD, "total": math.inf}), id="total-Infinity"),
+        pytest.param(json.dumps({**GOOD, "total": 1e300}).replace("1e+300", "1e400"), id="1e400"),
+        pytest.param(json.dumps({**GOOD, "total": 10**400}), id="huge-integer"),
+        pytest.param('{"id": "inv_2", ' + json.dumps(GOOD)[1:], id="duplicate-id"),
+        pytest.param(
+            json.dumps({**GOOD, "notes": "@"}).replace('"@"', "[" * 32 + "]" * 32), id="deep"
+        ),
+    ],
+)
+async def test_body_no_client_reads_alike_is_502_in_both_modes(
+    make_proxy: ProxyFactory, upstream: Upstream, text: str, strict: bool
+) -> None:
+    proxy = await make_proxy(upstream={"strict_schema": strict})
+    serve(upstream, text)
+    response = await proxy.api.get(invoice_path("acme", "inv_1"), headers=BILLING)
+    assert response.status == 502
+    assert (await response.json())["code"] == "upstream_invalid_response"
+
+
+async def test_body_in_utf16_is_502(make_proxy: ProxyFactory, upstream: Upstream) -> None:
+    proxy = await make_proxy()
+    serve(upstream, json.dumps(GOOD).encode("utf-16"))
+    response = await proxy.api.get(invoice_path("acme", "inv_1"), headers=BILLING)
+    assert (await response.json())["code"] == "upstream_invalid_response"
+
+
+@pytest.mark.parametrize(
+    "end",
+    [
+        "9999-12-31",
+        "9999-12-31T23:59:59-05:00",
+        "0001-01-01T00:00:00+05:00",
+        "2025-02-30",
+        "garbage",
+    ],
+)
+async def test_period_end_beyond_the_calendar_is_an_open_invoice(
+    make_proxy: ProxyFactory, upstream: Upstream, end: str
+) -> None:
+    proxy = await make_proxy()
+    serve(upstream, {**GOOD, "billing_period_end": end})
+    response = await proxy.api.get(invoice_path("acme", "inv_1"), headers=BILLING)
+    assert response.status == 200
+    assert response.headers["Cache-Control"] in ("private, max-age=300", "private, max-age=299")

@@ -933,3 +933,90 @@ def test_redis_overlay_config_is_the_base_plus_shared() -> None:
         for key in ("rate_per_s", "burst", *FLEET_KEYS):
             config["upstream"].pop(key, None)
     assert redis_config == base
+
+
+# --- the lock outlives the fetch; purges (issue 12) ----------------------------------
+
+
+async def test_a_fetch_slower_than_the_lock_lifetime_is_still_the_fleets_only_one(
+    make_proxy: ProxyFactory, upstream: Upstream, redis_server: RedisServer
+) -> None:
+    """The holder renews its lock while PlanetScale is slow: the others keep waiting."""
+    sections = fleet_sections(redis_server, lock_ttl_s=0.3, fleet_max_wait_s=0.1)
+    one, two = await make_proxy(**sections), await make_proxy(**sections)
+    upstream.standin.behave("inv_1", Behaviour("slow", delay_s=1.2))
+    responses = await asyncio.gather(*(get(p, "inv_1") for p in (one, two, one, two)))
+    assert [r.status for r in responses] == [200] * 4
+    assert upstream.standin.requests_for("inv_1") == 1
+    assert shared_lookups([one, two], "coalesced") == 1
+
+
+async def test_purge_during_a_fleet_fetch_does_not_store_the_purged_answer(
+    make_proxy: ProxyFactory,
+    upstream: Upstream,
+    redis_server: RedisServer,
+    inspect: redis.asyncio.Redis,
+) -> None:
+    from .conftest import ADMIN
+
+    one = await make_proxy(**fleet_sections(redis_server))
+    two = await make_proxy(**fleet_sections(redis_server))
+    upstream.standin.behave("inv_1", Behaviour("slow", delay_s=0.4, times=1))
+    first = asyncio.create_task(get(one, "inv_1"))
+    for _ in range(200):
+        if upstream.standin.requests_for("inv_1") == 1:
+            break
+        await asyncio.sleep(0.01)
+    purge = await two.admin.delete("/cache/organizations/acme/invoices/inv_1", headers=ADMIN)
+    assert purge.status == 404  # nothing was cached yet
+    assert (await first).status == 200
+    assert await inspect.get(f"invoice-proxy:{FORMAT_VERSION}:inv:{{acme:inv_1}}") is None
+    assert (await get(two, "inv_1")).status == 200
+    assert upstream.standin.requests_for("inv_1") == 2, "the purged answer did not come back"
+
+
+@pytest.mark.parametrize("outage", ["stopped", "paused"])
+async def test_purge_with_redis_down_is_503_saying_the_fleet_copy_may_remain(
+    make_proxy: ProxyFactory, redis_server: RedisServer, outage: str
+) -> None:
+    from .conftest import ADMIN
+
+    proxy = await make_proxy(**fleet_sections(redis_server, timeout_s=0.1))
+    await get(proxy, "inv_1")
+    if outage == "stopped":
+        redis_server.stop()
+    else:
+        redis_server.pause()
+    try:
+        cached = await proxy.admin.delete("/cache/organizations/acme/invoices/inv_1", headers=ADMIN)
+        not_cached = await proxy.admin.delete(
+            "/cache/organizations/acme/invoices/inv_2", headers=ADMIN
+        )
+    finally:
+        if outage == "paused":
+            redis_server.resume()
+    for response in (cached, not_cached):
+        assert response.status == 503
+        assert int(response.headers["Retry-After"]) >= 1
+        assert response.headers["Content-Type"].startswith("application/json")
+        assert (await response.json())["code"] == "unavailable"
+    assert "this replica's copy was dropped" in (await cached.json())["message"]
+    assert "this replica had none" in (await not_cached.json())["message"]
+    assert (await get(proxy, "inv_1")).headers["X-Cache"] == "MISS", "the local copy is gone"
+
+
+async def test_an_invalid_upstream_body_is_never_shared(
+    make_proxy: ProxyFactory,
+    upstream: Upstream,
+    redis_server: RedisServer,
+    inspect: redis.asyncio.Redis,
+) -> None:
+    one = await make_proxy(**fleet_sections(redis_server))
+    two = await make_proxy(**fleet_sections(redis_server))
+    upstream.standin.behave("inv_1", Behaviour("body", body='{"id": "inv_2", "total": 1}'))
+    for proxy in (one, two):
+        response = await get(proxy, "inv_1")
+        assert response.status == 502
+        assert (await response.json())["code"] == "upstream_invalid_response"
+    assert upstream.standin.requests_for("inv_1") == 2
+    assert await inspect.get(f"invoice-proxy:{FORMAT_VERSION}:inv:{{acme:inv_1}}") is None
