@@ -130,8 +130,12 @@ class FairQueue(Generic[G]):
     def waiting(self) -> int:
         return self._waiting
 
-    async def acquire(self, lane: str, max_wait_s: float) -> G:
-        """A grant within `max_wait_s`, in this lane's turn; else `Refused`."""
+    async def acquire(self, lane: str, max_wait_s: float, *, first: bool = False) -> G:
+        """A grant within `max_wait_s`, in this lane's turn; else `Refused`.
+
+        `first`: ahead of the lane's other waiters (work that already waited its turn
+        once and must be done again through no fault of its own).
+        """
         if not self._waiting:
             if self._held:
                 return self._held.pop()
@@ -140,7 +144,7 @@ class FairQueue(Generic[G]):
                 if grant is not None:
                     return grant
         queue = self._lanes.get(lane)
-        position = len(queue) if queue is not None else 0
+        position = 0 if queue is None or first else len(queue)
         ahead = position + sum(
             min(len(q), position + 1) for name, q in self._lanes.items() if name != lane
         )
@@ -153,7 +157,10 @@ class FairQueue(Generic[G]):
         if queue is None:
             queue = self._lanes[lane] = deque()
             self._new.append(lane)
-        queue.append(waiter)
+        if first:
+            queue.appendleft(waiter)
+        else:
+            queue.append(waiter)
         self._waiting += 1
         if self._dispatcher is None:
             self._dispatcher = asyncio.create_task(self._dispatch(), name=self._name)

@@ -38,6 +38,9 @@ _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _REJECTED = frozenset({401, 403})
 # How many distinct sets of unexpected field names are logged (then only counted).
 _MAX_DRIFT_LOGS = 32
+# Reloads one fetch may ask for, each after a refusal of a newer credential than the last
+# (rotations in quick succession); a credential refused again after its reload is final.
+_MAX_RELOADS = 3
 # Longest a send waits for the reload after PlanetScale refused the token it would carry
 # (one read of the credential source; Vault answers in milliseconds when well).
 _SETTLE_MAX_S = 2.0
@@ -189,9 +192,10 @@ class Upstream:
             _SPENT.set(0.0)
         deadline = self._clock() + config.deadline_s - spent
         url = self.url(organization, invoice_id)
-        reloaded = False
+        refused: list[Credential] = []  # the credentials PlanetScale refused, in order
         attempt = 0
         failed: ProxyError | None = None  # what made the next attempt a retry
+        again = False  # the next attempt redoes one PlanetScale refused: next in its lane
         while True:
             if self._credentials.current is None:
                 raise errors.unavailable(
@@ -199,22 +203,26 @@ class Upstream:
                 )
             if deadline - self._clock() <= 0:
                 raise _CircuitFailure(errors.upstream_timeout())
-            await self._take_rate_token(deadline, failed)
+            await self._take_rate_token(deadline, failed, first=again)
+            again = False
             try:
                 return await self._attempt(url, deadline)
             except _Rejected as rejected:
                 credential = rejected.credential
                 self._metrics.upstream_credential_rejections.inc()
                 version = credential.version if credential is not None else None
-                if reloaded:
+                # Final when the reload did not help (the same credential refused again),
+                # not when a rotation overtook the retry (a newer one refused): that one
+                # is reloaded and tried once more too.
+                if credential is None or credential in refused or len(refused) >= _MAX_RELOADS:
                     self._settle(credential)
                     log.error("upstream_credential_rejected", version=version)
                     raise errors.upstream_credential_rejected() from None
-                reloaded = True
+                refused.append(credential)
+                again = True
                 log.warning("upstream_refused_credential", version=version)
                 try:
-                    if credential is not None:
-                        await self._credentials.reload_after_rejection(credential)
+                    await self._credentials.reload_after_rejection(credential)
                 finally:
                     self._settle(credential)
                 # A retry that cannot get its turn now is a plain 429 (the new token was
@@ -238,7 +246,9 @@ class Upstream:
                 await self._sleep(delay)
                 failed = retry.error
 
-    async def _take_rate_token(self, deadline: float, retrying: ProxyError | None) -> None:
+    async def _take_rate_token(
+        self, deadline: float, retrying: ProxyError | None, *, first: bool = False
+    ) -> None:
         """A token of the local rate cap, in this fetch's lane's turn.
 
         It waits while the wait leaves the attempt its room in the deadline (and within
@@ -247,7 +257,7 @@ class Upstream:
         """
         bound = min(self._config.max_queue_wait_s, deadline - self._clock() - self._room)
         try:
-            await self._rate.acquire(FAIR_LANE.get(), max(0.0, bound))
+            await self._rate.acquire(FAIR_LANE.get(), max(0.0, bound), first=first)
         except Refused as refused:
             if retrying is not None:
                 raise _failure(retrying) from None
