@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -212,12 +213,12 @@ class FairQueue(Generic[G]):
                 return
         self._held.append(grant)
 
-    def _fail(self, error: BaseException) -> None:
-        """Every waiter gets `error` (and leaves the queue)."""
+    def _fail(self, error: Callable[[], BaseException]) -> None:
+        """Every waiter gets an `error()` of its own (and leaves the queue)."""
         for queue in self._lanes.values():
             for waiter in queue:
                 if not waiter.future.done():
-                    waiter.future.set_exception(error)
+                    waiter.future.set_exception(error())
         self._lanes.clear()
         self._new.clear()
         self._old.clear()
@@ -231,21 +232,25 @@ class FairQueue(Generic[G]):
                     wait, grant = await self._book(max(0.0, patience - self._clock()))
                 except Refused as refused:
                     # The next grant comes after even the most patient waiter's bound.
-                    self._fail(Refused(refused.retry_after_s))
+                    self._fail(functools.partial(Refused, refused.retry_after_s))
                     continue
                 if wait > 0:
                     await self._sleep(wait)
                 self._give(grant)
         except asyncio.CancelledError:
-            self._fail(Refused(1.0))
+            self._fail(functools.partial(Refused, 1.0))
             raise
         except Exception as exc:
             # A fault of the source, not of a waiter: each waiter gets it (the caller's
             # documented error), and the next acquire starts a new dispatcher.
             log.error("fair_queue_failed", queue=self._name, error=type(exc).__name__)
-            self._fail(exc)
+            self._fail(functools.partial(_same, exc))
         finally:
             self._dispatcher = None
+
+
+def _same(error: BaseException) -> BaseException:
+    return error
 
 
 def _granted(future: asyncio.Future[G]) -> bool:

@@ -582,7 +582,7 @@ class SharedLevel:
         """
         start = self._monotonic()
         try:
-            result = await self._budget_queue.acquire(
+            counted = await self._budget_queue.acquire(
                 FAIR_LANE.get(), self._config.fleet_max_wait_s
             )
         except Refused as refused:
@@ -591,13 +591,11 @@ class SharedLevel:
                 refused.retry_after_s,
                 "the fleet's budget of PlanetScale requests is spent; retry after the given delay",
             ) from None
-        {"granted": self._granted, "waited": self._waited}.get(
-            result, self._budget_unavailable
-        ).inc()
+        counted.inc()
         spend_deadline(self._monotonic() - start)
 
     @functools.cached_property
-    def _budget_queue(self) -> FairQueue[str]:
+    def _budget_queue(self) -> FairQueue[Counter]:
         """Waiting fetches of this replica, served in turn; one booking in Redis at a time."""
         interval_s = 60.0 / self._config.fleet_rate_per_minute
         burst = self._config.fleet_burst
@@ -611,20 +609,20 @@ class SharedLevel:
             name="fleet-budget",
         )
 
-    async def _book_budget(self, max_wait_s: float) -> tuple[float, str]:
-        """The fleet's next request: (wait, how it was granted), or `Refused`."""
+    async def _book_budget(self, max_wait_s: float) -> tuple[float, Counter]:
+        """The fleet's next request: (wait, the counter of how it went), or `Refused`."""
         try:
             budget = await self._twice(lambda: self._store.take_budget(max_wait_s))
         except Unavailable:
-            return 0.0, "unavailable"  # an outage: the local rate cap still holds
+            return 0.0, self._budget_unavailable  # an outage: the local rate cap still holds
         except Exception as exc:
             # An answer the store did not expect is not a reason to refuse every miss:
             # as in an outage, the local cap still holds.
             log.warning("fleet_budget_failed", error=type(exc).__name__)
-            return 0.0, "unavailable"
+            return 0.0, self._budget_unavailable
         if not budget.granted:
             raise Refused(budget.wait_s)
-        return budget.wait_s, "waited" if budget.wait_s > 0 else "granted"
+        return budget.wait_s, self._waited if budget.wait_s > 0 else self._granted
 
     async def purge(self, organization: str, invoice_id: str) -> bool:
         """Drop the shared copy; False when there was none or Redis did not answer."""

@@ -153,6 +153,26 @@ async def test_waiter_whose_turn_cannot_come_in_time_is_refused_at_once() -> Non
     await asyncio.gather(first, second, return_exceptions=True)
 
 
+async def test_a_failing_source_fails_its_waiters_and_the_next_acquire_starts_afresh() -> None:
+    calls = 0
+
+    async def book(_max_wait_s: float) -> tuple[float, str]:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0)
+        if calls == 1:
+            raise RuntimeError("the source broke")
+        return 0.0, "granted"
+
+    queue: FairQueue[str] = FairQueue(book, lambda _n: 0.0, name="test")
+    results = await asyncio.gather(
+        queue.acquire("a", 1.0), queue.acquire("b", 1.0), return_exceptions=True
+    )
+    assert [type(r) for r in results] == [RuntimeError, RuntimeError]
+    assert queue.waiting == 0
+    assert await queue.acquire("a", 1.0) == "granted"
+
+
 # --- whole proxies -----------------------------------------------------------------------
 
 
