@@ -71,7 +71,10 @@ class UpstreamConfig:
     max_concurrency: int = 32  # upstream requests in flight at once
     rate_per_s: float = 5.0  # token bucket on upstream requests (PlanetScale allows 10/s)
     burst: int = 10  # token bucket size
-    max_queue_wait_s: float = 2.0  # longest wait for a rate token or a free slot, then 429
+    # Longest wait for a rate token or a free slot, then 429. Whatever this says, a fetch
+    # waits only while the deadline keeps one attempt's time (timeout_s, at most half
+    # of deadline_s): with the defaults, up to 10 s, in turn with other callers.
+    max_queue_wait_s: float = 20.0
     max_body_bytes: int = 65536  # an invoice body larger than this is invalid
     strict_schema: bool = False  # true: reject anything beyond the 2025 OpenAPI document
     circuit_failures: int = 5  # consecutive failures that open the circuit
@@ -79,7 +82,9 @@ class UpstreamConfig:
     # The fleet-wide budget, kept in Redis: used only with a [shared] table.
     fleet_rate_per_minute: float = 300.0  # all replicas together (PlanetScale: 600/min)
     fleet_burst: int = 10  # requests the fleet may send at once after a quiet spell
-    fleet_max_wait_s: float = 1.0  # a longer wait for the fleet budget answers 429
+    # A longer wait for the fleet budget answers 429; also bounded, with the waits that
+    # follow it, by the deadline less one attempt's time (see max_queue_wait_s).
+    fleet_max_wait_s: float = 20.0
 
 
 @dataclass(frozen=True, slots=True)

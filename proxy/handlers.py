@@ -27,6 +27,7 @@ from .config import NAME_PATTERN
 from .credential import CredentialStore
 from .errors import ProxyError, error_response
 from .metrics import Metrics
+from .resilience import FAIR_LANE
 
 if TYPE_CHECKING:
     from .shared import SharedLevel
@@ -179,6 +180,7 @@ class InvoiceHandler:
         state = HIT
         if entry is None:
             # Upstream and credential lines logged on the way carry the request id.
+            FAIR_LANE.set(caller.name)  # the fetch this miss starts waits in its caller's turn
             with structlog.contextvars.bound_contextvars(request_id=request[REQUEST_ID]):
                 entry, state = await self._cache.load(organization, invoice_id, self._fetch)
         request[CACHE] = state

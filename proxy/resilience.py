@@ -1,13 +1,34 @@
-"""Small building blocks that protect PlanetScale and callers: a token bucket and a circuit breaker.
+"""Small building blocks that protect PlanetScale and callers: a token bucket, a fair
+queue in front of a rate limit, and a circuit breaker.
 
-Both take a clock so tests can advance time instead of sleeping.
+Each takes a clock so tests can advance time instead of sleeping.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from enum import IntEnum
+from typing import Generic, TypeVar
+
+import structlog
+
+log = structlog.get_logger("proxy.resilience")
+
+G = TypeVar("G")
+
+# How far past its bound a waiter still takes the grant it was promised (seconds).
+_GRACE_S = 0.05
+
+# The fairness lane of the work under way in this task: waiters of one lane are served
+# in turn with those of every other lane. Set by whoever starts the work (the handler
+# names it after the caller); tasks inherit it when they are created.
+FAIR_LANE: ContextVar[str] = ContextVar("fair_lane", default="")
 
 
 class TokenBucket:
@@ -43,6 +64,197 @@ class TokenBucket:
             return None
         self._tokens -= 1.0  # may go negative: later callers queue behind this one
         return wait
+
+    def debt(self, grants: int) -> float:
+        """Seconds until `grants` more tokens could be handed out, at the current state."""
+        self._refill()
+        return max(0.0, (grants - self._tokens) / self.rate)
+
+
+class Refused(Exception):
+    """No grant within the wait allowed; `retry_after_s` is when one is likely."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"no grant within the wait allowed; retry after {retry_after_s:.3f}s")
+        self.retry_after_s = retry_after_s
+
+
+class _Waiter(Generic[G]):
+    __slots__ = ("deadline", "future")
+
+    def __init__(self, future: asyncio.Future[G], deadline: float) -> None:
+        self.future = future
+        self.deadline = deadline
+
+
+class FairQueue(Generic[G]):
+    """Grants of a rate-limited resource, served in turn between lanes.
+
+    `book(max_wait_s)` books the resource's next grant and returns `(wait_s, grant)`:
+    the grant is due after `wait_s`; it raises `Refused` when the next one is due later
+    than `max_wait_s`. One dispatcher books a grant at a time, sleeps until it is due,
+    and only then picks who gets it, so a waiter that arrived meanwhile takes part.
+    Lanes are served round robin; a lane that had no waiter goes first (as the new
+    flows of fq_codel do), so one waiting request of a quiet lane is next however long
+    a busy lane's queue is. A waiter that gives up (cancelled, or past its own wait
+    bound) leaves the queue; a grant it was handed in that instant goes to the next.
+
+    `take_now()` (optional) takes a grant at once if one is free, for the path with
+    nobody waiting; `estimate(n)` is the wait for `n` more grants, for refusing at once
+    a waiter whose turn cannot come within its bound.
+    """
+
+    def __init__(
+        self,
+        book: Callable[[float], Awaitable[tuple[float, G]]],
+        estimate: Callable[[int], float],
+        *,
+        take_now: Callable[[], G | None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        name: str = "fair-queue",
+    ) -> None:
+        self._book = book
+        self._estimate = estimate
+        self._take_now = take_now
+        self._clock = clock
+        self._sleep = sleep
+        self._name = name
+        self._lanes: dict[str, deque[_Waiter[G]]] = {}
+        self._new: deque[str] = deque()  # lanes not served since they began to wait
+        self._old: deque[str] = deque()  # lanes served at least once, round robin
+        self._waiting = 0
+        self._held: list[G] = []  # grants whose waiter had gone: the next acquire's
+        self._dispatcher: asyncio.Task[None] | None = None
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    async def acquire(self, lane: str, max_wait_s: float, *, first: bool = False) -> G:
+        """A grant within `max_wait_s`, in this lane's turn; else `Refused`.
+
+        `first`: ahead of the lane's other waiters (work that already waited its turn
+        once and must be done again through no fault of its own).
+        """
+        if not self._waiting:
+            if self._held:
+                return self._held.pop()
+            if self._take_now is not None:
+                grant = self._take_now()
+                if grant is not None:
+                    return grant
+        queue = self._lanes.get(lane)
+        position = 0 if queue is None or first else len(queue)
+        ahead = position + sum(
+            min(len(q), position + 1) for name, q in self._lanes.items() if name != lane
+        )
+        estimate = self._estimate(ahead + 1)
+        if estimate > max_wait_s:
+            raise Refused(estimate)
+        waiter: _Waiter[G] = _Waiter(
+            asyncio.get_running_loop().create_future(), self._clock() + max_wait_s
+        )
+        if queue is None:
+            queue = self._lanes[lane] = deque()
+            self._new.append(lane)
+        if first:
+            queue.appendleft(waiter)
+        else:
+            queue.append(waiter)
+        self._waiting += 1
+        if self._dispatcher is None:
+            self._dispatcher = asyncio.create_task(self._dispatch(), name=self._name)
+        try:
+            # A turn estimated in time is not lost to a scheduling hiccup at the bound.
+            async with asyncio.timeout(max_wait_s + _GRACE_S):
+                return await waiter.future
+        except TimeoutError:
+            if _granted(waiter.future):
+                return waiter.future.result()  # handed over in the same instant: ours
+            self._remove(lane, waiter)
+            raise Refused(self._estimate(self._waiting + 1)) from None
+        except asyncio.CancelledError:
+            if _granted(waiter.future):
+                self._give(waiter.future.result())
+            else:
+                self._remove(lane, waiter)
+            raise
+
+    def _remove(self, lane: str, waiter: _Waiter[G]) -> None:
+        queue = self._lanes.get(lane)
+        if queue is None or waiter not in queue:
+            return  # already taken off by the dispatcher
+        queue.remove(waiter)
+        self._waiting -= 1
+        if not queue:
+            self._drop_lane(lane)
+
+    def _drop_lane(self, lane: str) -> None:
+        del self._lanes[lane]
+        for order in (self._new, self._old):
+            with contextlib.suppress(ValueError):
+                order.remove(lane)
+
+    def _give(self, grant: G) -> None:
+        """Hand a grant to the head of the next lane in turn, or keep it for the next."""
+        while self._new or self._old:
+            order = self._new if self._new else self._old
+            lane = order.popleft()
+            queue = self._lanes[lane]
+            waiter = queue.popleft()
+            self._waiting -= 1
+            if queue:
+                self._old.append(lane)
+            else:
+                del self._lanes[lane]
+            if not waiter.future.done():
+                waiter.future.set_result(grant)
+                return
+        self._held.append(grant)
+
+    def _fail(self, error: Callable[[], BaseException]) -> None:
+        """Every waiter gets an `error()` of its own (and leaves the queue)."""
+        for queue in self._lanes.values():
+            for waiter in queue:
+                if not waiter.future.done():
+                    waiter.future.set_exception(error())
+        self._lanes.clear()
+        self._new.clear()
+        self._old.clear()
+        self._waiting = 0
+
+    async def _dispatch(self) -> None:
+        try:
+            while self._waiting:
+                patience = max(w.deadline for q in self._lanes.values() for w in q)
+                try:
+                    wait, grant = await self._book(max(0.0, patience - self._clock()))
+                except Refused as refused:
+                    # The next grant comes after even the most patient waiter's bound.
+                    self._fail(functools.partial(Refused, refused.retry_after_s))
+                    continue
+                if wait > 0:
+                    await self._sleep(wait)
+                self._give(grant)
+        except asyncio.CancelledError:
+            self._fail(functools.partial(Refused, 1.0))
+            raise
+        except Exception as exc:
+            # A fault of the source, not of a waiter: each waiter gets it (the caller's
+            # documented error), and the next acquire starts a new dispatcher.
+            log.error("fair_queue_failed", queue=self._name, error=type(exc).__name__)
+            self._fail(functools.partial(_same, exc))
+        finally:
+            self._dispatcher = None
+
+
+def _same(error: BaseException) -> BaseException:
+    return error
+
+
+def _granted(future: asyncio.Future[G]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
 
 
 class CircuitState(IntEnum):

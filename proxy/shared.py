@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import math
 import re
@@ -43,8 +44,8 @@ from . import errors
 from .cache import Fetcher
 from .config import UpstreamConfig, _Section, url_problem
 from .invoice import InvalidInvoice, check_invoice
-from .resilience import CircuitBreaker, CircuitState
-from .upstream import Fetched
+from .resilience import FAIR_LANE, CircuitBreaker, CircuitState, FairQueue, Refused
+from .upstream import Fetched, spend_deadline, wait_bound_s
 
 log = structlog.get_logger("proxy.shared")
 
@@ -218,7 +219,9 @@ def parse_shared(s: _Section, upstream: UpstreamConfig | None = None) -> SharedC
         final_ttl_s=s.number("final_ttl_s", d.final_ttl_s, 0, 86400 * 3650),
         fleet_rate_per_minute=u.fleet_rate_per_minute,
         fleet_burst=u.fleet_burst,
-        fleet_max_wait_s=u.fleet_max_wait_s,
+        # The budget's wait is the first of a fetch's waits: all of them share the
+        # deadline, less the room kept for the attempt.
+        fleet_max_wait_s=min(u.fleet_max_wait_s, wait_bound_s(u)),
     )
     if c.redis_url:
         problem = url_problem(
@@ -237,10 +240,6 @@ def parse_shared(s: _Section, upstream: UpstreamConfig | None = None) -> SharedC
         s.problem("username", "needs shared.password_file")
     if not _NAMESPACE.fullmatch(c.namespace):
         s.problem("namespace", "expected 1 to 64 characters of A-Z a-z 0-9 _ . -")
-    if c.lock_ttl_s <= c.fleet_max_wait_s:
-        s.problem(
-            "lock_ttl_s", "must exceed upstream.fleet_max_wait_s (the holder waits that long)"
-        )
     s.finish()
     return c
 
@@ -806,23 +805,55 @@ class SharedLevel:
                 return
 
     async def _take_budget(self) -> None:
-        max_wait_s = self._config.fleet_max_wait_s
+        """A request from the fleet's budget, in this fetch's lane's turn.
+
+        It waits while the wait fits `fleet_max_wait_s` (the deadline less the attempt's
+        room, by default); beyond that the answer is 429 with when to come back. The time
+        waited is spent from the fetch's deadline.
+        """
+        start = self._monotonic()
+        try:
+            counted = await self._budget_queue.acquire(
+                FAIR_LANE.get(), self._config.fleet_max_wait_s
+            )
+        except Refused as refused:
+            self._refused.inc()
+            raise errors.rate_limited(
+                refused.retry_after_s,
+                "the fleet's budget of PlanetScale requests is spent; retry after the given delay",
+            ) from None
+        counted.inc()
+        spend_deadline(self._monotonic() - start)
+
+    @functools.cached_property
+    def _budget_queue(self) -> FairQueue[Counter]:
+        """Waiting fetches of this replica, served in turn; one booking in Redis at a time."""
+        interval_s = 60.0 / self._config.fleet_rate_per_minute
+        burst = self._config.fleet_burst
+        return FairQueue(
+            self._book_budget,
+            # Optimistic (the burst unspent, no other replica waiting): only a wait that
+            # cannot fit is refused before asking Redis, whose booking has the last word.
+            lambda grants: max(0, grants - burst) * interval_s,
+            clock=self._monotonic,
+            sleep=self._sleep,
+            name="fleet-budget",
+        )
+
+    async def _book_budget(self, max_wait_s: float) -> tuple[float, Counter]:
+        """The fleet's next request: (wait, the counter of how it went), or `Refused`."""
         try:
             budget = await self._twice(lambda: self._store.take_budget(max_wait_s))
         except Unavailable:
-            self._budget_unavailable.inc()  # an outage: the local rate cap still holds
-            return
+            return 0.0, self._budget_unavailable  # an outage: the local rate cap still holds
+        except Exception as exc:
+            # An answer the store did not expect is not a reason to refuse every miss:
+            # as in an outage, the local cap still holds.
+            log.warning("fleet_budget_failed", error=type(exc).__name__)
+            return 0.0, self._budget_unavailable
         if not budget.granted:
-            self._refused.inc()
-            raise errors.rate_limited(
-                budget.wait_s,
-                "the fleet's budget of PlanetScale requests is spent; retry after the given delay",
-            )
-        if budget.wait_s > 0:
-            self._waited.inc()
-            await self._sleep(budget.wait_s)
-        else:
-            self._granted.inc()
+            raise Refused(budget.wait_s)
+        return budget.wait_s, self._waited if budget.wait_s > 0 else self._granted
 
     async def purge(self, organization: str, invoice_id: str) -> bool:
         """Drop the shared copy; False when there was none.

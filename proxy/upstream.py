@@ -15,6 +15,7 @@ import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
@@ -28,7 +29,7 @@ from .credential import Credential, CredentialStore
 from .errors import ProxyError
 from .invoice import InvalidInvoice, InvoiceFacts, check_invoice, safe_field_names
 from .metrics import Metrics
-from .resilience import CircuitBreaker, CircuitState, TokenBucket
+from .resilience import FAIR_LANE, CircuitBreaker, CircuitState, FairQueue, Refused, TokenBucket
 
 log = structlog.get_logger("proxy.upstream")
 
@@ -37,6 +38,35 @@ _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _REJECTED = frozenset({401, 403})
 # How many distinct sets of unexpected field names are logged (then only counted).
 _MAX_DRIFT_LOGS = 32
+# Reloads one fetch may ask for, each after a refusal of a newer credential than the last
+# (rotations in quick succession); a credential refused again after its reload is final.
+_MAX_RELOADS = 3
+# Longest a send waits for the reload after PlanetScale refused the token it would carry
+# (one read of the credential source; Vault answers in milliseconds when well).
+_SETTLE_MAX_S = 2.0
+
+# Seconds of this fetch's deadline already spent by the layer above (the fleet budget's
+# wait), taken (and reset) when the fetch starts here: one deadline for all waits.
+_SPENT: ContextVar[float] = ContextVar("upstream_deadline_spent", default=0.0)
+
+
+def attempt_room_s(config: UpstreamConfig) -> float:
+    """The part of the deadline kept for the request itself, after any wait.
+
+    One attempt's whole timeout, so a request that waited for its turn is never cut
+    short for having waited; at most half the deadline, so waiting keeps the other half.
+    """
+    return min(config.timeout_s, config.deadline_s / 2)
+
+
+def wait_bound_s(config: UpstreamConfig) -> float:
+    """The longest a fetch may wait for capacity (fleet budget, rate cap, a slot) in all."""
+    return max(0.0, config.deadline_s - attempt_room_s(config))
+
+
+def spend_deadline(seconds: float) -> None:
+    """The layer above waited `seconds` of the fetch it is about to start (same task)."""
+    _SPENT.set(_SPENT.get() + max(0.0, seconds))
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +109,20 @@ class Upstream:
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(config.max_concurrency)
         self._bucket = TokenBucket(config.rate_per_s, config.burst, clock)
+        self._rate: FairQueue[bool] = FairQueue(
+            self._book_rate_token,
+            self._bucket.debt,
+            take_now=self._take_free_token,
+            clock=clock,
+            sleep=sleep,
+            name="upstream-rate",
+        )
+        self._room = attempt_room_s(config)
+        # The credential PlanetScale just refused, while its reload is under way: sends
+        # that would carry it wait for the reload (`_settled`) instead.
+        self._refused: Credential | None = None
+        self._reloaded = asyncio.Event()
+        self._reloaded.set()
         self.circuit = CircuitBreaker(
             config.circuit_failures,
             config.circuit_open_s,
@@ -143,30 +187,46 @@ class Upstream:
 
     async def _fetch_with_retries(self, organization: str, invoice_id: str) -> Fetched:
         config = self._config
-        deadline = self._clock() + config.deadline_s
+        spent = _SPENT.get()
+        if spent:
+            _SPENT.set(0.0)
+        deadline = self._clock() + config.deadline_s - spent
         url = self.url(organization, invoice_id)
-        reloaded = False
+        refused: list[Credential] = []  # the credentials PlanetScale refused, in order
         attempt = 0
+        failed: ProxyError | None = None  # what made the next attempt a retry
+        again = False  # the next attempt redoes one PlanetScale refused: next in its lane
         while True:
-            credential = self._credentials.current
-            if credential is None:
+            if self._credentials.current is None:
                 raise errors.unavailable(
                     "the proxy has no PlanetScale credential loaded yet; try again shortly"
                 )
-            remaining = deadline - self._clock()
-            if remaining <= 0:
+            if deadline - self._clock() <= 0:
                 raise _CircuitFailure(errors.upstream_timeout())
-            await self._take_rate_token(remaining)
+            await self._take_rate_token(deadline, failed, first=again)
+            again = False
             try:
-                return await self._attempt(url, credential, deadline)
-            except _Rejected:
+                return await self._attempt(url, deadline)
+            except _Rejected as rejected:
+                credential = rejected.credential
                 self._metrics.upstream_credential_rejections.inc()
-                if reloaded:
-                    log.error("upstream_credential_rejected", version=credential.version)
+                version = credential.version if credential is not None else None
+                # Final when the reload did not help (the same credential refused again),
+                # not when a rotation overtook the retry (a newer one refused): that one
+                # is reloaded and tried once more too.
+                if credential is None or credential in refused or len(refused) >= _MAX_RELOADS:
+                    self._settle(credential)
+                    log.error("upstream_credential_rejected", version=version)
                     raise errors.upstream_credential_rejected() from None
-                reloaded = True
-                log.warning("upstream_refused_credential", version=credential.version)
-                await self._credentials.reload_after_rejection(credential)
+                refused.append(credential)
+                again = True
+                log.warning("upstream_refused_credential", version=version)
+                try:
+                    await self._credentials.reload_after_rejection(credential)
+                finally:
+                    self._settle(credential)
+                # A retry that cannot get its turn now is a plain 429 (the new token was
+                # never tried); `failed` stays what an earlier 5xx made it.
             except _Retry as retry:
                 attempt += 1
                 if attempt > config.retries:
@@ -184,27 +244,81 @@ class Upstream:
                     raise _failure(retry.error) from None
                 log.info("upstream_retry", attempt=attempt, delay_ms=round(delay * 1000))
                 await self._sleep(delay)
+                failed = retry.error
 
-    async def _take_rate_token(self, remaining: float) -> None:
-        wait = self._bucket.reserve(min(self._config.max_queue_wait_s, remaining))
-        if wait is None:
+    async def _take_rate_token(
+        self, deadline: float, retrying: ProxyError | None, *, first: bool = False
+    ) -> None:
+        """A token of the local rate cap, in this fetch's lane's turn.
+
+        It waits while the wait leaves the attempt its room in the deadline (and within
+        `max_queue_wait_s`). A first attempt refused gets 429; a retry refused ends with
+        the error that made it a retry.
+        """
+        bound = min(self._config.max_queue_wait_s, deadline - self._clock() - self._room)
+        try:
+            await self._rate.acquire(FAIR_LANE.get(), max(0.0, bound), first=first)
+        except Refused as refused:
+            if retrying is not None:
+                raise _failure(retrying) from None
             self._metrics.upstream_throttled.inc()
             raise errors.rate_limited(
-                self._bucket.try_take() or 1.0,
+                refused.retry_after_s,
                 "too many requests to PlanetScale right now; retry after the given delay",
-            )
-        if wait > 0:
-            await self._sleep(wait)
+            ) from None
 
-    async def _attempt(self, url: URL, credential: Credential, deadline: float) -> Fetched:
+    def _take_free_token(self) -> bool | None:
+        # FairQueue's `take_now`: None is "no token free now".
+        return True if self._bucket.try_take() == 0.0 else None
+
+    async def _book_rate_token(self, max_wait_s: float) -> tuple[float, bool]:
+        wait = self._bucket.reserve(max_wait_s)
+        if wait is None:
+            raise Refused(self._bucket.debt(1))
+        return wait, True
+
+    async def _settled(self, deadline: float) -> Credential:
+        """The credential to send now: read at the last moment, after every other wait.
+
+        While a reload after PlanetScale refused the current credential is under way,
+        it is awaited (briefly, within the deadline), so the send carries the new one
+        rather than the one just refused.
+        """
+        credential = self._credentials.current
+        if credential is not None and credential == self._refused:
+            wait = min(_SETTLE_MAX_S, deadline - self._clock() - 0.001)
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._reloaded.wait()
+            credential = self._credentials.current
+        if credential is None:
+            raise errors.unavailable(
+                "the proxy has no PlanetScale credential loaded yet; try again shortly"
+            )
+        return credential
+
+    def _refusal_seen(self, credential: Credential) -> None:
+        # At the moment the status line arrives, before any other task can send.
+        if self._refused != credential:
+            self._refused = credential
+            self._reloaded.clear()
+
+    def _settle(self, credential: Credential | None) -> None:
+        if self._refused is not None and self._refused == credential:
+            self._refused = None
+            self._reloaded.set()
+
+    async def _attempt(self, url: URL, deadline: float) -> Fetched:
         assert self._session is not None, "Upstream used outside its lifetime"
-        headers = {
-            "Authorization": credential.header,
-            "Accept": "application/json",
-            "User-Agent": self._user_agent,
-        }
         code = "error"
         async with self._slot(deadline):
+            credential = await self._settled(deadline)
+            headers = {
+                "Authorization": credential.header,
+                "Accept": "application/json",
+                "User-Agent": self._user_agent,
+            }
             # Computed once a slot is ours: the wait for it spent some of the deadline.
             timeout = aiohttp.ClientTimeout(
                 total=min(self._config.timeout_s, max(0.001, deadline - self._clock())),
@@ -216,7 +330,11 @@ class Upstream:
                     url, headers=headers, timeout=timeout, allow_redirects=False
                 ) as response:
                     code = str(response.status)
+                    if response.status in _REJECTED:
+                        self._refusal_seen(credential)
                     return await self._answer(response)
+            except _Rejected:
+                raise _Rejected(credential) from None
             except TimeoutError:
                 code = "timeout"
                 raise _Retry(errors.upstream_timeout()) from None
@@ -231,13 +349,14 @@ class Upstream:
 
     @contextlib.asynccontextmanager
     async def _slot(self, deadline: float) -> AsyncIterator[None]:
-        """One of `max_concurrency` places, waited for briefly and never past the deadline."""
-        wait = min(self._config.max_queue_wait_s, max(0.0, deadline - self._clock()))
+        """One of `max_concurrency` places, waited for while the attempt keeps its room."""
+        cap = self._config.max_queue_wait_s
+        wait = min(cap, max(0.0, deadline - self._clock() - self._room))
         try:
             async with asyncio.timeout(wait):
                 await self._slots.acquire()
         except TimeoutError:
-            if wait < self._config.max_queue_wait_s:
+            if wait < cap:
                 raise errors.upstream_timeout() from None
             self._metrics.upstream_throttled.inc()
             raise errors.rate_limited(
@@ -319,7 +438,10 @@ class Upstream:
 
 
 class _Rejected(Exception):
-    """PlanetScale answered 401 or 403 to the proxy's token."""
+    """PlanetScale answered 401 or 403 to the proxy's token (`credential`, once known)."""
+
+    def __init__(self, credential: Credential | None = None) -> None:
+        self.credential = credential
 
 
 class _CircuitFailure(Exception):

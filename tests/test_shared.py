@@ -139,7 +139,6 @@ def test_shared_config_names_every_problem_by_its_path() -> None:
         "shared.ca_file: is only used with a rediss:// URL",
         "shared.username: needs shared.password_file",
         "shared.namespace: expected 1 to 64 characters of A-Z a-z 0-9 _ . -",
-        "shared.lock_ttl_s: must exceed upstream.fleet_max_wait_s (the holder waits that long)",
         "shared.colour: unknown key",
     ]
     assert not any("hunter2" in p for p in problems), "a password in the URL is never echoed"

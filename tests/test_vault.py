@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
+import os
 import re
 import secrets
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from pathlib import Path
@@ -16,8 +20,8 @@ import pytest
 import structlog
 from aiohttp import web
 
-from proxy.app import ADMIN_APP, init_app
-from proxy.config import VaultConfig, parse_config
+from proxy.app import ADMIN_APP, CREDENTIALS, init_app
+from proxy.config import UpstreamConfig, VaultConfig, parse_config
 from proxy.credential import Credential, CredentialError, CredentialStore, running
 from proxy.metrics import Metrics
 from proxy.vault import VaultSource
@@ -951,3 +955,112 @@ async def test_a_flood_of_vault_errors_gives_a_bounded_reason(
     finally:
         await source.aclose()
     assert len(str(caught.value)) < 1500
+
+
+@contextlib.contextmanager
+def contended_core() -> Iterator[int]:
+    """This process and a busy loop in another process share one core, for the block."""
+    before = os.sched_getaffinity(0)
+    core = min(before)
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(burner.pid, {core})
+        os.sched_setaffinity(0, {core})
+        yield core
+    finally:
+        os.sched_setaffinity(0, before)
+        burner.kill()
+        burner.wait(timeout=10)
+
+
+async def test_rotations_under_load_on_a_contended_cpu_cost_at_most_one_refusal_each(
+    openbao: OpenBao, upstream: Upstream, aiohttp_client: Any, tmp_path: Path
+) -> None:
+    """Five rotations while 20 callers keep the upstream rate cap busy, one core contended.
+
+    The upstream keys are the defaults (5 requests a second, burst 10, deadline 20 s), so
+    misses wait seconds for their turn and many are queued when PlanetScale stops taking
+    the old token (0.1 s after the rotation, before the next refresh). Each one reads the
+    token when it is sent; the first refusal makes the sends behind it wait for the
+    reload. A request already on its way with the old token is refused too: the rate cap
+    keeps sends 0.2 s apart, far more than a round trip, so that is the first one only.
+    """
+    path = unique("planetscale/invoice-proxy")
+    tokens = [planetscale_token()]
+    openbao.write_secret("secret", path, tokens[0])
+    policy = openbao.read_only_policy("secret", path)
+    approle, _ = approle_config(openbao, tmp_path, path, policy)
+    upstream.standin.accept_only(upstream_header(tokens[0]))
+    vault = {
+        "address": openbao.address,
+        "path": path,
+        "auth": "approle",
+        "approle_mount": approle.approle_mount,
+        "role_id": approle.role_id,
+        "secret_id_file": approle.secret_id_file,
+        "refresh_interval_s": 1.0,
+        "timeout_s": 2.0,
+    }
+    config = parse_config(
+        config_dict(
+            upstream.base_url,
+            tmp_path / "unused.json",
+            credential={"source": "vault", "vault": vault},
+            upstream={
+                f.name: getattr(UpstreamConfig(), f.name)
+                for f in dataclasses.fields(UpstreamConfig)
+                if f.name != "base_url"
+            },
+        )
+    )
+    metrics = Metrics()
+    app = init_app(config, metrics=metrics)
+    api = await aiohttp_client(app)
+
+    loop = asyncio.get_running_loop()
+    rotated = asyncio.Event()
+    statuses: Counter[int] = Counter()
+    refused_by_rotation: list[int] = []
+
+    async def caller(n: int) -> None:
+        i = 0
+        while not rotated.is_set():
+            invoice = f"inv_hot_{i % 5}" if i % 2 else f"inv_c{n}_{i}"
+            async with api.get(invoice_path("acme", invoice), headers=BILLING) as response:
+                await response.read()
+                statuses[response.status] += 1
+            i += 1
+            await asyncio.sleep(0.01)
+
+    async def rotate() -> None:
+        try:
+            await asyncio.sleep(1.0)
+            for _ in range(5):
+                refused_before = upstream.standin.stats.unauthorized
+                new = planetscale_token()
+                upstream.standin.accept_only(upstream_header(tokens[-1]), upstream_header(new))
+                tokens.append(new)
+                version = await openbao.awrite_secret("secret", path, new)
+                await asyncio.sleep(0.1)
+                upstream.standin.accept_only(upstream_header(new))
+                async with asyncio.timeout(WAIT_S):
+                    while version_of(app[CREDENTIALS]) != version:  # noqa: ASYNC110
+                        await asyncio.sleep(0.02)
+                await asyncio.sleep(1.0)  # stragglers of this rotation are answered by now
+                refused_by_rotation.append(upstream.standin.stats.unauthorized - refused_before)
+        finally:
+            rotated.set()
+
+    with contended_core():
+        started = loop.time()
+        async with asyncio.timeout(90):
+            await asyncio.gather(rotate(), *(caller(n) for n in range(20)))
+        elapsed = loop.time() - started
+
+    assert len(refused_by_rotation) == 5
+    assert set(statuses) == {200}, statuses
+    assert all(refused <= 1 for refused in refused_by_rotation), refused_by_rotation
+    assert sum(refused_by_rotation) >= 1, "PlanetScale refused the old token at least once"
+    rate = UpstreamConfig().rate_per_s
+    assert upstream.standin.stats.requests > elapsed * rate * 0.7, "the rate cap was kept busy"
+    assert upstream.standin.stats.requests <= UpstreamConfig().burst + rate * elapsed
