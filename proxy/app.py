@@ -8,8 +8,7 @@ closed by the API application's cleanup contexts.
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from importlib import resources
 from typing import TYPE_CHECKING
 
@@ -17,6 +16,7 @@ from aiohttp import web
 
 from .auth import Authenticator
 from .cache import Fetcher, InvoiceCache
+from .clock import SYSTEM_CLOCK, Clock
 from .config import AdminConfig, CallerConfig, Config, CredentialConfig
 from .credential import CredentialSource, CredentialStore, EnvSource, FileSource, running
 from .handlers import AdminHandlers, InvoiceHandler, observe
@@ -54,25 +54,31 @@ def init_app(
     *,
     source: CredentialSource | None = None,
     metrics: Metrics | None = None,
-    clock: Callable[[], float] = time.time,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> web.Application:
     """Build the API application (and its admin sibling) for `config`.
 
-    `clock` (wall time, seconds) decides cache freshness; tests pass one they advance.
+    `clock` is where every part reads time; tests pass one they advance.
     """
     metrics = metrics or Metrics()
-    credentials = CredentialStore(source or make_source(config.credential), metrics)
+    credentials = CredentialStore(
+        source or make_source(config.credential), metrics, clock=clock.time
+    )
     callers = Authenticator(config.callers, metrics)
     metrics.init_callers(callers.names)
-    cache = InvoiceCache(config.cache, metrics, clock=clock)
-    upstream = Upstream(config.upstream, credentials, metrics)
+    cache = InvoiceCache(config.cache, metrics, clock=clock.time)
+    upstream = Upstream(
+        config.upstream, credentials, metrics, clock=clock.monotonic, sleep=clock.sleep
+    )
     fetch: Fetcher = upstream.fetch
     shared: SharedLevel | None = None
     if config.shared is not None:
         from .shared import SharedLevel, SharedMetrics, SharedStore  # loads the Redis client
 
         shared_metrics = SharedMetrics(metrics.registry)
-        store = SharedStore(config.shared, shared_metrics, clock=clock)
+        store = SharedStore(
+            config.shared, shared_metrics, clock=clock.time, monotonic=clock.monotonic
+        )
         shared = SharedLevel(
             config.shared,
             store,
@@ -80,9 +86,11 @@ def init_app(
             cache.lifetimes,
             shared_metrics,
             upstream_config=config.upstream,
+            monotonic=clock.monotonic,
+            sleep=clock.sleep,
         )
         fetch = shared.fetch
-    invoices = InvoiceHandler(callers, cache, fetch, clock)
+    invoices = InvoiceHandler(callers, cache, fetch, clock.time)
 
     api = web.Application(middlewares=[observe(metrics)], client_max_size=1024)
     api[CONFIG] = config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -16,6 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from proxy.app import ADMIN_APP, init_app
 from proxy.auth import key_digest
+from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.config import Config, parse_config
 from proxy.standin import StandIn, start
 
@@ -128,7 +130,7 @@ ProxyFactory = Callable[..., Awaitable[Proxy]]
 def make_proxy(aiohttp_client: Any, upstream: Upstream, credential_file: Path) -> ProxyFactory:
     """Start a proxy against the stand-in; keyword arguments override config sections."""
 
-    async def make(clock: Callable[[], float] = time.time, **sections: dict[str, Any]) -> Proxy:
+    async def make(clock: Clock = SYSTEM_CLOCK, **sections: dict[str, Any]) -> Proxy:
         config = parse_config(config_dict(upstream.base_url, credential_file, **sections))
         app = init_app(config, clock=clock)
         api = await aiohttp_client(app)
@@ -145,13 +147,26 @@ async def proxy(make_proxy: ProxyFactory) -> Proxy:
 
 class FakeClock:
     """Time (wall or monotonic, as the code under test reads it) that moves only when
-    the test advances it."""
+    the test advances it.
+
+    Given to `init_app` as its `Clock`, it fakes wall time only (cache freshness); the
+    monotonic clock and sleeps stay real, so deadlines and timeouts still end.
+    """
 
     def __init__(self, start: float = 1_800_000_000.0) -> None:
         self.now = start
 
     def __call__(self) -> float:
         return self.now
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
