@@ -72,8 +72,10 @@ def init_app(
         from .shared import SharedLevel, SharedMetrics, SharedStore  # loads the Redis client
 
         shared_metrics = SharedMetrics(metrics.registry)
-        store = SharedStore(config.shared, shared_metrics, clock=clock)
-        shared = SharedLevel(config.shared, store, upstream.fetch, cache.lifetimes, shared_metrics)
+        store = SharedStore(config.shared, config.upstream, shared_metrics, clock=clock)
+        shared = SharedLevel(
+            config.shared, config.upstream, store, upstream.fetch, cache.lifetimes, shared_metrics
+        )
         fetch = shared.fetch
     invoices = InvoiceHandler(callers, cache, fetch, clock)
 

@@ -17,12 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import re
 import secrets
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -36,7 +35,7 @@ from redis.exceptions import RedisError
 
 from . import errors
 from .cache import Fetcher
-from .config import UpstreamConfig, _Section, url_problem
+from .config import SharedConfig, UpstreamConfig
 from .resilience import CircuitBreaker, CircuitState
 from .upstream import Fetched
 
@@ -50,7 +49,6 @@ FORMAT_VERSION = "v1"
 # A stored answer: status, fresh_until and stale_until (Unix time, inf for final
 # invoices), then the body.
 _HEADER = struct.Struct("!Hdd")
-_NAMESPACE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # Consecutive failures that mark the store down (one stray timeout does not).
 _FAILURES = 3
 # How a replica polls for the answer another replica is fetching: the first look
@@ -105,73 +103,6 @@ redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX',
            math.ceil((new_tat - now) / 1000) + 1000)
 return {1, math.ceil(wait)}
 """
-
-
-@dataclass(frozen=True, slots=True)
-class SharedConfig:
-    redis_url: str = ""  # redis:// or rediss:// (TLS); required in a [shared] table
-    username: str = ""  # Redis ACL user; empty: the default user
-    password_file: str = ""  # holds the password, re-read for each new connection
-    ca_file: str = ""  # PEM bundle to verify a rediss:// server's certificate
-    namespace: str = "invoice-proxy"  # key prefix: several deployments can share a Redis
-    timeout_s: float = 0.05  # one Redis command, connecting included
-    max_connections: int = 32  # connection pool of each process
-    retry_interval_s: float = 1.0  # after an outage is seen, one probe this often
-    lock_ttl_s: float = 5.0  # a replica's claim on a fetch; others wait at most this
-    final_ttl_s: float = 2592000.0  # Redis lifetime of final invoices (30 days); 0: none
-    # Copied from [upstream] (see UpstreamConfig) by parse_shared.
-    fleet_rate_per_minute: float = 300.0
-    fleet_burst: int = 10
-    fleet_max_wait_s: float = 1.0
-
-
-def parse_shared(s: _Section, upstream: UpstreamConfig | None = None) -> SharedConfig:
-    """The `[shared]` table (present: the shared level is on); problems are recorded by path.
-
-    The fleet budget's keys sit in `[upstream]` beside the per-replica rate cap; they are
-    copied here, where the Redis code reads them.
-    """
-    d = SharedConfig()
-    u = upstream or UpstreamConfig()
-    s.required("redis_url")
-    c = SharedConfig(
-        redis_url=s.string("redis_url", d.redis_url),
-        username=s.string("username", d.username),
-        password_file=s.string("password_file", d.password_file),
-        ca_file=s.string("ca_file", d.ca_file),
-        namespace=s.string("namespace", d.namespace),
-        timeout_s=s.number("timeout_s", d.timeout_s, 0.001, 10),
-        max_connections=s.integer("max_connections", d.max_connections, 1, 10_000),
-        retry_interval_s=s.number("retry_interval_s", d.retry_interval_s, 0.01, 600),
-        lock_ttl_s=s.number("lock_ttl_s", d.lock_ttl_s, 0.01, 600),
-        final_ttl_s=s.number("final_ttl_s", d.final_ttl_s, 0, 86400 * 3650),
-        fleet_rate_per_minute=u.fleet_rate_per_minute,
-        fleet_burst=u.fleet_burst,
-        fleet_max_wait_s=u.fleet_max_wait_s,
-    )
-    if c.redis_url:
-        problem = url_problem(
-            c.redis_url,
-            ("redis", "rediss"),
-            expected="expected a redis:// or rediss:// (TLS) URL",
-            userinfo="must not hold credentials: name the user in shared.username and the "
-            "password's file in shared.password_file",
-            query=True,  # redis-py reads connection options from the query
-        )
-        if problem:
-            s.problem("redis_url", problem)
-        if c.ca_file and not c.redis_url.lower().startswith("rediss://"):
-            s.problem("ca_file", "is only used with a rediss:// URL")
-    if c.username and not c.password_file:
-        s.problem("username", "needs shared.password_file")
-    if not _NAMESPACE.fullmatch(c.namespace):
-        s.problem("namespace", "expected 1 to 64 characters of A-Z a-z 0-9 _ . -")
-    if c.lock_ttl_s <= c.fleet_max_wait_s:
-        s.problem(
-            "lock_ttl_s", "must exceed upstream.fleet_max_wait_s (the holder waits that long)"
-        )
-    s.finish()
-    return c
 
 
 class SharedMetrics:
@@ -279,6 +210,7 @@ class SharedStore:
     def __init__(
         self,
         config: SharedConfig,
+        upstream_config: UpstreamConfig,
         metrics: SharedMetrics,
         *,
         clock: Callable[[], float] = time.time,
@@ -292,8 +224,8 @@ class SharedStore:
         self._budget_key = f"{self._prefix}:budget"
         self._lock_ms = max(1, round(config.lock_ttl_s * 1000))
         self._budget_args = (
-            round(60_000_000 / config.fleet_rate_per_minute),
-            config.fleet_burst,
+            round(60_000_000 / upstream_config.fleet_rate_per_minute),
+            upstream_config.fleet_burst,
         )
         self._circuit = CircuitBreaker(_FAILURES, config.retry_interval_s, monotonic)
         self._outage_since: float | None = None
@@ -483,6 +415,7 @@ class SharedLevel:
     def __init__(
         self,
         config: SharedConfig,
+        upstream_config: UpstreamConfig,
         store: SharedStore,
         upstream_fetch: Fetcher,
         lifetimes: Lifetimes,
@@ -492,6 +425,7 @@ class SharedLevel:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._config = config
+        self._fleet_max_wait_s = upstream_config.fleet_max_wait_s
         self._store = store
         self._upstream = upstream_fetch
         self._lifetimes = lifetimes
@@ -575,7 +509,7 @@ class SharedLevel:
         return replace(fetched, lifetimes=(fresh_until, stale_until))
 
     async def _take_budget(self) -> None:
-        max_wait_s = self._config.fleet_max_wait_s
+        max_wait_s = self._fleet_max_wait_s
         try:
             budget = await self._twice(lambda: self._store.take_budget(max_wait_s))
         except Unavailable:

@@ -190,8 +190,7 @@ SHARED = {"redis_url": "redis://127.0.0.1:6379/0"}
 def _number_keys() -> list[tuple[str | int, ...]]:
     """Every float key of the configuration, found by walking the dataclasses: a key added
     later is checked without a change here."""
-    from proxy.config import CallerConfig, Config
-    from proxy.shared import SharedConfig
+    from proxy.config import CallerConfig, Config, SharedConfig
 
     hints_of = partial(
         get_type_hints, localns={"SharedConfig": SharedConfig, "CallerConfig": CallerConfig}
@@ -202,8 +201,6 @@ def _number_keys() -> list[tuple[str | int, ...]]:
         hints = hints_of(cls)
         for f in dataclasses.fields(cls):
             kind = hints[f.name]
-            if cls is SharedConfig and f.name.startswith("fleet_"):
-                continue  # copied from [upstream] by parse_shared, not keys of [shared]
             if kind is float:
                 keys.append((*prefix, f.name))
             elif dataclasses.is_dataclass(kind):
