@@ -177,6 +177,10 @@ def needed(fallback: T, **spec: Any) -> T:
     return field(metadata=meta)  # type: ignore[no-any-return]
 
 
+# A caller table's checks against the callers before it; run as each key is read, so a
+# caller's problems keep the order of its keys.
+
+
 def _caller_name(name: str, t: _Table) -> None:
     if t.has("name") and not _CALLER_NAME.fullmatch(name):
         t.problem("name", "expected 1 to 64 characters of A-Z a-z 0-9 _ . -")
@@ -224,10 +228,7 @@ class ServerConfig:
     max_field_size: int = key(8190, lo=256, hi=65536, unit="bytes", doc="one header")
     max_headers: int = key(64, lo=8, hi=1024, doc="headers in one request")
     workers: int = key(
-        1,
-        lo=1,
-        hi=64,
-        doc="processes sharing `port` (SO_REUSEPORT); worker i's admin: admin_port + i",
+        1, lo=1, hi=64, doc="processes sharing `port` (SO_REUSEPORT); worker i: admin_port + i"
     )
 
 
@@ -237,42 +238,26 @@ class UpstreamConfig:
     connect_timeout_s: float = key(3.0, lo=0.01, hi=300, unit="s", doc="TCP + TLS connect")
     timeout_s: float = key(10.0, lo=0.01, hi=300, unit="s", doc="one upstream attempt, end to end")
     deadline_s: float = key(
-        20.0,
-        lo=0.01,
-        hi=600,
-        unit="s",
-        doc="all attempts for one caller request, backoff included",
+        20.0, lo=0.01, hi=600, unit="s", doc="all attempts of one caller request, backoff included"
     )
     retries: int = key(2, lo=0, hi=10, doc="extra attempts after a 5xx, 429 or connection error")
     backoff_base_s: float = key(
         0.1, lo=0, hi=60, unit="s", doc="first backoff, doubled each retry, full jitter"
     )
     backoff_max_s: float = key(
-        2.0,
-        lo=0,
-        hi=600,
-        unit="s",
-        doc="cap on one backoff; a longer Retry-After goes to the caller",
+        2.0, lo=0, hi=600, unit="s", doc="cap on one backoff; a longer Retry-After: to the caller"
     )
     max_connections: int = key(32, lo=1, hi=10_000, doc="connection pool size")
     max_concurrency: int = key(32, lo=1, hi=10_000, doc="upstream requests in flight at once")
     rate_per_s: float = key(
-        5.0,
-        lo=0.001,
-        hi=100_000,
-        unit="per second",
-        doc="token bucket on upstream requests (PlanetScale allows 10/s)",
+        5.0, lo=0.001, hi=100_000, unit="per second", doc="token bucket (PlanetScale allows 10/s)"
     )
     burst: int = key(10, lo=1, hi=100_000, unit="requests", doc="token bucket size")
     max_queue_wait_s: float = key(
         2.0, lo=0, hi=600, unit="s", doc="longest wait for a rate token or a free slot, then 429"
     )
     max_body_bytes: int = key(
-        65536,
-        lo=256,
-        hi=16 * 1024 * 1024,
-        unit="bytes",
-        doc="an invoice body larger than this is invalid",
+        65536, lo=256, hi=16 * 1024 * 1024, unit="bytes", doc="a larger invoice body is invalid"
     )
     strict_schema: bool = key(False, doc="true: reject anything beyond the 2025 OpenAPI document")
     circuit_failures: int = key(
@@ -283,18 +268,10 @@ class UpstreamConfig:
     )
     # The fleet-wide budget, kept in Redis: used only with a [shared] table.
     fleet_rate_per_minute: float = key(
-        300.0,
-        lo=0.01,
-        hi=1_000_000,
-        unit="per minute",
-        doc="all replicas together (PlanetScale: 600/min)",
+        300.0, lo=0.01, hi=1_000_000, unit="per minute", doc="all replicas (PlanetScale: 600)"
     )
     fleet_burst: int = key(
-        10,
-        lo=1,
-        hi=100_000,
-        unit="requests",
-        doc="requests the fleet may send at once after a quiet spell",
+        10, lo=1, hi=100_000, unit="requests", doc="the fleet's at once, after a quiet spell"
     )
     fleet_max_wait_s: float = key(
         1.0, lo=0, hi=600, unit="s", doc="a longer wait for the fleet budget answers 429"
@@ -404,11 +381,7 @@ class CallerConfig:
         0.0, lo=0, hi=1_000_000, unit="per second", doc="this caller's request rate; 0: unlimited"
     )
     burst: int = key(
-        0,
-        lo=0,
-        hi=1_000_000,
-        unit="requests",
-        doc="token bucket size; 0: twice the rate, at least 1",
+        0, lo=0, hi=1_000_000, unit="requests", doc="bucket size; 0: twice the rate, at least 1"
     )
 
 
@@ -434,11 +407,7 @@ class SharedConfig:
         5.0, lo=0.01, hi=600, unit="s", doc="a replica's claim on a fetch; others wait at most this"
     )
     final_ttl_s: float = key(
-        2592000.0,
-        lo=0,
-        hi=86400 * 3650,
-        unit="s",
-        doc="Redis lifetime of final invoices (30 days); 0: none",
+        2592000.0, lo=0, hi=86400 * 3650, unit="s", doc="final invoices in Redis (30 days); 0: none"
     )
 
 
@@ -704,6 +673,7 @@ def _config_rules(c: Config, t: _Table) -> None:
         t.problem("callers", "at least one [[callers]] table is required")
 
 
+# By section: run once the section's keys are read, if the section is in use.
 _RULES: dict[type, Callable[[Any, _Table], None]] = {
     ServerConfig: _server_rules,
     VaultConfig: _vault_rules,

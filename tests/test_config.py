@@ -8,6 +8,7 @@ import math
 import re
 import subprocess
 import sys
+import tomllib
 from functools import partial
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -147,6 +148,53 @@ def test_check_config_accepts_the_shipped_examples() -> None:
         result = run_cli("check-config", "--config", str(ROOT / "config" / name))
         assert result.returncode == 0, result.stdout
         assert "OK" in result.stdout
+
+
+# Keys whose value in config/example.toml is an example, not the default.
+EXAMPLE_VALUES = {
+    "credential.vault.address",
+    "credential.vault.role",
+    "admin.key_sha256",
+    "shared.redis_url",
+    "shared.password_file",
+}
+
+
+def example_document() -> dict[str, Any]:
+    """config/example.toml with its commented-out [shared] table switched on."""
+    text = (ROOT / "config" / "example.toml").read_text()
+    head, _, tail = text.partition("# [shared]\n")
+    lines = tail.splitlines()
+    switched = []
+    while lines and lines[0].startswith("# ") and " = " in lines[0]:
+        switched.append(lines.pop(0)[2:])
+    return tomllib.loads(head + "[shared]\n" + "\n".join([*switched, *lines]) + "\n")
+
+
+def test_example_lists_every_key_with_its_default() -> None:
+    """config/example.toml names every key of the dataclasses, and no other, with its
+    default (but for a few example values): a key added later must be documented there."""
+    from proxy.config import CallerConfig, Config, SharedConfig
+
+    document = example_document()
+
+    def compare(cls: type, table: dict[str, Any], path: str) -> None:
+        hints = get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert set(table) == names, (path, set(table) ^ names)
+        for f in dataclasses.fields(cls):
+            kind = hints[f.name]
+            key = f"{path}.{f.name}".lstrip(".")
+            if dataclasses.is_dataclass(kind):
+                compare(kind, table[f.name], key)  # type: ignore[arg-type]
+            elif key not in ("callers", "shared", *EXAMPLE_VALUES):  # those two: below
+                value = table[f.name]
+                assert (tuple(value) if isinstance(value, list) else value) == f.default, key
+
+    compare(Config, document, "")
+    compare(SharedConfig, document["shared"], "shared")
+    caller_keys = {k for caller in document["callers"] for k in caller}
+    assert caller_keys == {f.name for f in dataclasses.fields(CallerConfig)}
 
 
 def test_check_config_reads_the_environment_variable() -> None:
