@@ -77,15 +77,19 @@ def init_app(
 
         shared_metrics = SharedMetrics(metrics.registry)
         store = SharedStore(
-            config.shared, shared_metrics, clock=clock.time, monotonic=clock.monotonic
+            config.shared,
+            config.upstream,
+            shared_metrics,
+            clock=clock.time,
+            monotonic=clock.monotonic,
         )
         shared = SharedLevel(
             config.shared,
+            config.upstream,
             store,
             upstream.fetch,
             cache.lifetimes,
             shared_metrics,
-            upstream_config=config.upstream,
             monotonic=clock.monotonic,
             sleep=clock.sleep,
         )

@@ -1,4 +1,9 @@
-"""TOML configuration -> frozen dataclasses.
+"""TOML configuration -> frozen dataclasses, each key declared once.
+
+A key is a field of its section's dataclass: the default, range, unit and checks sit
+together in the field's metadata (`key()`), and one reader (`_read`) walks
+`dataclasses.fields`, taking each key's type from its annotation. Rules between keys
+are small functions run once a table's keys are read (`_RULES`).
 
 Every problem is collected with its dotted key path (`cache.max_bytes: expected an
 integer`), so `check-config` can print them all at once. Secrets never live here:
@@ -7,17 +12,17 @@ caller keys are SHA-256 digests and the PlanetScale token comes from a source.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import ipaddress
 import math
 import re
 import tomllib
-from collections.abc import Callable, Iterator
+import types
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
-
-if TYPE_CHECKING:
-    from .shared import SharedConfig
 
 T = TypeVar("T")
 
@@ -25,6 +30,7 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 # SPEC: organization and invoice id are 1 to 64 characters of A-Z a-z 0-9 _ -
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _CALLER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_NAMESPACE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class ConfigError(Exception):
@@ -41,251 +47,6 @@ class ConfigFileError(ConfigError):
 
     def __init__(self, problem: str) -> None:
         super().__init__([problem])
-
-
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    host: str = "0.0.0.0"  # noqa: S104 - a service in a pod listens on all interfaces
-    port: int = 8080  # the API
-    admin_port: int = 9090  # /metrics, /healthz, /readyz, cache purge
-    shutdown_grace_s: float = 10.0  # in-flight requests get this long after SIGTERM
-    keepalive_timeout_s: float = 75.0  # idle keep-alive connections are closed after this
-    max_connections: int = 1024  # open connections on the API listener, beyond: refused
-    request_timeout_s: float = 30.0  # to read a request head (and a new connection's first)
-    max_line_size: int = 8190  # request line length, bytes
-    max_field_size: int = 8190  # one header, bytes
-    max_headers: int = 64  # headers in one request
-    workers: int = 1  # processes sharing `port` (SO_REUSEPORT); worker i's admin: admin_port + i
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamConfig:
-    base_url: str = "https://api.planetscale.com/v1"
-    connect_timeout_s: float = 3.0  # TCP + TLS connect
-    timeout_s: float = 10.0  # one upstream attempt, end to end
-    deadline_s: float = 20.0  # all attempts for one caller request, backoff included
-    retries: int = 2  # extra attempts after a 5xx, 429 or connection error
-    backoff_base_s: float = 0.1  # first backoff, doubled each retry, full jitter
-    backoff_max_s: float = 2.0  # cap on one backoff; a longer Retry-After goes to the caller
-    max_connections: int = 32  # connection pool size
-    max_concurrency: int = 32  # upstream requests in flight at once
-    rate_per_s: float = 5.0  # token bucket on upstream requests (PlanetScale allows 10/s)
-    burst: int = 10  # token bucket size
-    # Longest wait for a rate token or a free slot, then 429. Whatever this says, a fetch
-    # waits only while the deadline keeps one attempt's time (timeout_s, at most half
-    # of deadline_s): with the defaults, up to 10 s, in turn with other callers.
-    max_queue_wait_s: float = 20.0
-    max_body_bytes: int = 65536  # an invoice body larger than this is invalid
-    strict_schema: bool = False  # true: reject anything beyond the 2025 OpenAPI document
-    circuit_failures: int = 5  # consecutive failures that open the circuit
-    circuit_open_s: float = 10.0  # how long it stays open before a half-open probe
-    # The fleet-wide budget, kept in Redis: used only with a [shared] table.
-    fleet_rate_per_minute: float = 300.0  # all replicas together (PlanetScale: 600/min)
-    fleet_burst: int = 10  # requests the fleet may send at once after a quiet spell
-    # A longer wait for the fleet budget answers 429; also bounded, with the waits that
-    # follow it, by the deadline less one attempt's time (see max_queue_wait_s).
-    fleet_max_wait_s: float = 20.0
-
-
-@dataclass(frozen=True, slots=True)
-class FileSourceConfig:
-    path: str = "/vault/secrets/planetscale.json"
-    poll_interval_s: float = 1.0  # how often the file's stat is checked
-
-
-@dataclass(frozen=True, slots=True)
-class EnvSourceConfig:
-    token_id_var: str = "PLANETSCALE_TOKEN_ID"
-    token_var: str = "PLANETSCALE_TOKEN"
-
-
-@dataclass(frozen=True, slots=True)
-class VaultConfig:
-    address: str = ""
-    mount: str = "secret"  # KV version 2 mount
-    path: str = "planetscale/invoice-proxy"
-    token_id_field: str = "token_id"
-    token_field: str = "token"
-    auth: str = "kubernetes"  # "token" | "approle" | "kubernetes"
-    refresh_interval_s: float = 30.0  # poll period, +-10% jitter
-    timeout_s: float = 5.0  # one Vault HTTP call
-    namespace: str = ""  # X-Vault-Namespace (Vault Enterprise / HCP)
-    ca_file: str = ""  # PEM bundle to verify Vault's TLS certificate
-    # auth = "token"
-    token_file: str = ""  # re-read when it changes
-    token_env: str = "VAULT_TOKEN"  # used when token_file is empty
-    # auth = "approle"
-    approle_mount: str = "approle"
-    role_id: str = ""
-    secret_id_file: str = ""
-    # auth = "kubernetes"
-    kubernetes_mount: str = "kubernetes"
-    role: str = ""
-    jwt_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
-
-
-@dataclass(frozen=True, slots=True)
-class CredentialConfig:
-    source: str = "vault"  # "vault" | "file" | "env"
-    file: FileSourceConfig = field(default_factory=FileSourceConfig)
-    env: EnvSourceConfig = field(default_factory=EnvSourceConfig)
-    vault: VaultConfig = field(default_factory=VaultConfig)
-
-
-@dataclass(frozen=True, slots=True)
-class CacheConfig:
-    max_bytes: int = 268435456  # 256 MiB of cached invoices, overhead included
-    open_period_ttl_s: float = 300.0  # invoices whose period is open, or unparsable
-    not_found_ttl_s: float = 30.0  # remembered 404s; 0 turns it off
-    stale_if_error_s: float = 86400.0  # expired entries served when PlanetScale fails
-
-
-@dataclass(frozen=True, slots=True)
-class AdminConfig:
-    key_sha256: tuple[str, ...] = ()  # admin keys for the cache purge; empty: purge disabled
-
-
-@dataclass(frozen=True, slots=True)
-class LoggingConfig:
-    level: str = "info"  # debug | info | warning | error
-    format: str = "json"  # json | console
-
-
-@dataclass(frozen=True, slots=True)
-class CallerConfig:
-    name: str
-    key_sha256: tuple[str, ...]
-    organizations: tuple[str, ...]
-    rate_per_s: float = 0.0  # this caller's request rate; 0: unlimited
-    burst: int = 0  # token bucket size; 0: twice the rate, at least 1
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    server: ServerConfig = field(default_factory=ServerConfig)
-    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
-    credential: CredentialConfig = field(default_factory=CredentialConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    admin: AdminConfig = field(default_factory=AdminConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    callers: tuple[CallerConfig, ...] = ()
-    shared: SharedConfig | None = None  # [shared]: the fleet level on Redis; None: off
-
-
-class _Section:
-    """A TOML table being read: typed getters that record problems under a dotted path."""
-
-    def __init__(self, data: dict[str, Any], path: str, problems: list[str]) -> None:
-        self._data = data
-        self._path = path
-        self._problems = problems
-        self._seen: set[str] = set()
-
-    def _key(self, key: str) -> str:
-        return f"{self._path}.{key}" if self._path else key
-
-    def problem(self, key: str, message: str) -> None:
-        self._problems.append(f"{self._key(key)}: {message}")
-
-    def _get(self, key: str, default: T, kind: str, accept: Callable[[Any], bool]) -> T:
-        self._seen.add(key)
-        if key not in self._data:
-            return default
-        value = self._data[key]
-        if not accept(value):
-            self.problem(key, f"expected {kind}")
-            return default
-        return value  # type: ignore[no-any-return]
-
-    def required(self, key: str) -> bool:
-        if key in self._data:
-            return True
-        self._seen.add(key)
-        self.problem(key, "is required")
-        return False
-
-    def string(self, key: str, default: str, choices: tuple[str, ...] = ()) -> str:
-        value = self._get(key, default, "a string", lambda v: isinstance(v, str))
-        if choices and value not in choices:
-            self.problem(key, f"expected one of {', '.join(repr(c) for c in choices)}")
-            return default
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        return self._get(key, default, "a boolean", lambda v: isinstance(v, bool))
-
-    def integer(self, key: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
-        value = self._get(
-            key, default, "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)
-        )
-        return self._range(key, value, default, lo, hi)
-
-    def number(
-        self, key: str, default: float, lo: float | None = None, hi: float | None = None
-    ) -> float:
-        value = self._get(
-            key,
-            default,
-            "a number",
-            lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-        )
-        # TOML has nan and inf; compared with a bound, nan is never out of range, so a
-        # `rate_per_s = nan` would pass and switch the cap off.
-        if isinstance(value, float) and not math.isfinite(value):
-            self.problem(key, "expected a finite number")
-            return default
-        return float(self._range(key, value, default, lo, hi))
-
-    def _range(self, key: str, value: T, default: T, lo: Any, hi: Any) -> T:
-        if lo is not None and value < lo:
-            self.problem(key, f"must be at least {lo}")
-            return default
-        if hi is not None and value > hi:
-            self.problem(key, f"must be at most {hi}")
-            return default
-        return value
-
-    def strings(self, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
-        value = self._get(
-            key,
-            None,
-            "an array of strings",
-            lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
-        )
-        return default if value is None else tuple(value)
-
-    def digests(self, key: str, *, required: bool) -> tuple[str, ...]:
-        if required and not self.required(key):
-            return ()
-        digests = self.strings(key)
-        if required and key in self._data and not digests and isinstance(self._data[key], list):
-            self.problem(key, "must list at least one digest")
-        for i, digest in enumerate(digests):
-            if not _HEX64.fullmatch(digest):
-                self.problem(f"{key}[{i}]", "expected 64 lowercase hex digits (a SHA-256 digest)")
-        return digests
-
-    def section(self, key: str) -> _Section:
-        self._seen.add(key)
-        value = self._data.get(key, {})
-        if not isinstance(value, dict):
-            self.problem(key, "expected a table")
-            value = {}
-        return _Section(value, self._key(key), self._problems)
-
-    def tables(self, key: str) -> Iterator[_Section]:
-        self._seen.add(key)
-        value = self._data.get(key, [])
-        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-            self.problem(key, "expected an array of tables ([[...]])")
-            return
-        for i, item in enumerate(value):
-            yield _Section(item, f"{self._key(key)}[{i}]", self._problems)
-
-    def finish(self) -> None:
-        for key in self._data:
-            if key not in self._seen:
-                self.problem(key, "unknown key")
 
 
 _HOST = re.compile(r"[A-Za-z0-9._-]+")  # a DNS name or an IPv4 address
@@ -346,204 +107,601 @@ def url_problem(
     return None
 
 
-def _port(s: _Section, key: str, default: int) -> int:
-    return s.integer(key, default, 0, 65535)  # 0: a free port, logged at start-up
-
-
-def _server(s: _Section) -> ServerConfig:
-    d = ServerConfig()
-    c = ServerConfig(
-        host=s.string("host", d.host),
-        port=_port(s, "port", d.port),
-        admin_port=_port(s, "admin_port", d.admin_port),
-        shutdown_grace_s=s.number("shutdown_grace_s", d.shutdown_grace_s, 0, 3600),
-        keepalive_timeout_s=s.number("keepalive_timeout_s", d.keepalive_timeout_s, 0, 3600),
-        max_connections=s.integer("max_connections", d.max_connections, 1, 1_000_000),
-        request_timeout_s=s.number("request_timeout_s", d.request_timeout_s, 0.1, 3600),
-        max_line_size=s.integer("max_line_size", d.max_line_size, 256, 65536),
-        max_field_size=s.integer("max_field_size", d.max_field_size, 256, 65536),
-        max_headers=s.integer("max_headers", d.max_headers, 8, 1024),
-        workers=s.integer("workers", d.workers, 1, 64),
+def _redis_url_problem(value: str) -> str | None:
+    return url_problem(
+        value,
+        ("redis", "rediss"),
+        expected="expected a redis:// or rediss:// (TLS) URL",
+        userinfo="must not hold credentials: name the user in shared.username and the "
+        "password's file in shared.password_file",
+        query=True,  # redis-py reads connection options from the query
     )
+
+
+def _no_trailing_slash(value: str) -> str:
+    return value.rstrip("/")
+
+
+def _no_outer_slashes(value: str) -> str:
+    return value.strip("/")
+
+
+def _is_organization(value: str) -> bool:
+    return value == "*" or NAME_PATTERN.fullmatch(value) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """What one configuration key accepts; it sits in the metadata of the key's field.
+
+    The type comes from the field's annotation: str, bool, int, float, tuple[str, ...],
+    a section dataclass (a sub-table), a tuple of them (an array of tables), or one
+    `| None` (an optional table: None when absent).
+    """
+
+    unit: str = ""  # of a number: "s" (seconds), "bytes", "per second"...
+    doc: str = ""
+    lo: float | None = None  # a number's range, both ends included
+    hi: float | None = None
+    choices: tuple[str, ...] = ()  # a string's only values
+    # Must be in its table (when the table is in use); `fallback` stands in meanwhile
+    # for a key whose field has no default.
+    required: bool = False
+    fallback: object = None
+    tidy: Callable[[str], str] | None = None  # a string as it is kept (e.g. no trailing /)
+    items: Callable[[str], object] | None = None  # each string of an array must pass, else:
+    item_problem: str = ""  # the problem, named by the string's index
+    nonempty: str = ""  # an array given empty is this problem
+    # A URL check, run after the table's other keys (so problems list in that order).
+    url: Callable[[str], str | None] | None = None
+    # A check that needs more than the value (the table's other keys, earlier tables of
+    # an array), run as soon as the key is read.
+    check: Callable[[Any, _Table], None] | None = None
+    # A sub-table is in use only while this sibling key has this value; a table not in
+    # use is read for types and ranges only (nothing required, no URL check, no rules).
+    used_when: tuple[str, str] | None = None
+
+
+_KEY = "proxy.config"  # where a field's metadata keeps its Key
+_PLAIN = Key()
+
+
+def key(default: T, **spec: Any) -> T:
+    """A key with a default; `spec` holds the other `Key` attributes."""
+    return field(default=default, metadata={_KEY: Key(**spec)})
+
+
+def needed(fallback: T, **spec: Any) -> T:
+    """A key every table must give: its field has no default (`fallback` is for reading)."""
+    meta = {_KEY: Key(required=True, fallback=fallback, **spec)}
+    return field(metadata=meta)  # type: ignore[no-any-return]
+
+
+# A caller table's checks against the callers before it; run as each key is read, so a
+# caller's problems keep the order of its keys.
+
+
+def _caller_name(name: str, t: _Table) -> None:
+    if t.has("name") and not _CALLER_NAME.fullmatch(name):
+        t.problem("name", "expected 1 to 64 characters of A-Z a-z 0-9 _ . -")
+    elif name in {caller.name for caller in t.earlier}:
+        t.problem("name", f"duplicate caller name {name!r}")
+    elif name == "unknown":
+        t.problem("name", "'unknown' is reserved for unauthenticated requests")
+
+
+def _caller_digests(digests: tuple[str, ...], t: _Table) -> None:
+    owners: dict[str, str] = {}
+    for caller in t.earlier:
+        for digest in caller.key_sha256:
+            owners.setdefault(digest, caller.name)
+    for i, digest in enumerate(digests):
+        if digest in owners:
+            t.problem(f"key_sha256[{i}]", f"this digest is also a key of {owners[digest]!r}")
+        owners.setdefault(digest, t.values["name"])
+
+
+_DIGEST_PROBLEM = "expected 64 lowercase hex digits (a SHA-256 digest)"
+_YEAR = 86400 * 365  # seconds
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = key("0.0.0.0")  # noqa: S104 - a service in a pod listens on all interfaces
+    port: int = key(8080, lo=0, hi=65535, doc="the API; 0: a free port, logged at start-up")
+    admin_port: int = key(
+        9090, lo=0, hi=65535, doc="/metrics, /healthz, /readyz, cache purge; 0: a free port"
+    )
+    shutdown_grace_s: float = key(
+        10.0, lo=0, hi=3600, unit="s", doc="in-flight requests get this long after SIGTERM"
+    )
+    keepalive_timeout_s: float = key(
+        75.0, lo=0, hi=3600, unit="s", doc="idle keep-alive connections are closed after this"
+    )
+    max_connections: int = key(
+        1024, lo=1, hi=1_000_000, doc="open connections on the API listener, beyond: refused"
+    )
+    request_timeout_s: float = key(
+        30.0, lo=0.1, hi=3600, unit="s", doc="to read a request head (and a new connection's first)"
+    )
+    max_line_size: int = key(8190, lo=256, hi=65536, unit="bytes", doc="request line length")
+    max_field_size: int = key(8190, lo=256, hi=65536, unit="bytes", doc="one header")
+    max_headers: int = key(64, lo=8, hi=1024, doc="headers in one request")
+    workers: int = key(
+        1, lo=1, hi=64, doc="processes sharing `port` (SO_REUSEPORT); worker i: admin_port + i"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    base_url: str = key("https://api.planetscale.com/v1", tidy=_no_trailing_slash, url=url_problem)
+    connect_timeout_s: float = key(3.0, lo=0.01, hi=300, unit="s", doc="TCP + TLS connect")
+    timeout_s: float = key(10.0, lo=0.01, hi=300, unit="s", doc="one upstream attempt, end to end")
+    deadline_s: float = key(
+        20.0, lo=0.01, hi=600, unit="s", doc="all attempts of one caller request, backoff included"
+    )
+    retries: int = key(2, lo=0, hi=10, doc="extra attempts after a 5xx, 429 or connection error")
+    backoff_base_s: float = key(
+        0.1, lo=0, hi=60, unit="s", doc="first backoff, doubled each retry, full jitter"
+    )
+    backoff_max_s: float = key(
+        2.0, lo=0, hi=600, unit="s", doc="cap on one backoff; a longer Retry-After: to the caller"
+    )
+    max_connections: int = key(32, lo=1, hi=10_000, doc="connection pool size")
+    max_concurrency: int = key(32, lo=1, hi=10_000, doc="upstream requests in flight at once")
+    rate_per_s: float = key(
+        5.0, lo=0.001, hi=100_000, unit="per second", doc="token bucket (PlanetScale allows 10/s)"
+    )
+    burst: int = key(10, lo=1, hi=100_000, unit="requests", doc="token bucket size")
+    # Whatever this says, a fetch waits only while the deadline keeps one attempt's time
+    # (timeout_s, at most half of deadline_s): with the defaults, up to 10 s, in turn
+    # with other callers.
+    max_queue_wait_s: float = key(
+        20.0, lo=0, hi=600, unit="s", doc="longest wait for a rate token or a free slot, then 429"
+    )
+    max_body_bytes: int = key(
+        65536, lo=256, hi=16 * 1024 * 1024, unit="bytes", doc="a larger invoice body is invalid"
+    )
+    strict_schema: bool = key(False, doc="true: reject anything beyond the 2025 OpenAPI document")
+    circuit_failures: int = key(
+        5, lo=1, hi=10_000, doc="consecutive failures that open the circuit"
+    )
+    circuit_open_s: float = key(
+        10.0, lo=0.01, hi=3600, unit="s", doc="how long it stays open before a half-open probe"
+    )
+    # The fleet-wide budget, kept in Redis: used only with a [shared] table.
+    fleet_rate_per_minute: float = key(
+        300.0, lo=0.01, hi=1_000_000, unit="per minute", doc="all replicas (PlanetScale: 600)"
+    )
+    fleet_burst: int = key(
+        10, lo=1, hi=100_000, unit="requests", doc="the fleet's at once, after a quiet spell"
+    )
+    # Also bounded, with the waits that follow it, by the deadline less one attempt's
+    # time (see max_queue_wait_s).
+    fleet_max_wait_s: float = key(
+        20.0, lo=0, hi=600, unit="s", doc="a longer wait for the fleet budget answers 429"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class FileSourceConfig:
+    path: str = key("/vault/secrets/planetscale.json")
+    poll_interval_s: float = key(
+        1.0, lo=0.05, hi=3600, unit="s", doc="how often the file's stat is checked"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class EnvSourceConfig:
+    token_id_var: str = key("PLANETSCALE_TOKEN_ID")
+    token_var: str = key("PLANETSCALE_TOKEN")
+
+
+@dataclass(frozen=True, slots=True)
+class VaultConfig:
+    address: str = key("", required=True, tidy=_no_trailing_slash, url=url_problem)
+    mount: str = key("secret", tidy=_no_outer_slashes, doc="KV version 2 mount")
+    path: str = key("planetscale/invoice-proxy", tidy=_no_outer_slashes)
+    token_id_field: str = key("token_id")
+    token_field: str = key("token")
+    auth: str = key("kubernetes", choices=("token", "approle", "kubernetes"))
+    refresh_interval_s: float = key(
+        30.0, lo=0.1, hi=86400, unit="s", doc="poll period, +-10% jitter"
+    )
+    timeout_s: float = key(5.0, lo=0.01, hi=300, unit="s", doc="one Vault HTTP call")
+    namespace: str = key("", doc="X-Vault-Namespace (Vault Enterprise / HCP)")
+    ca_file: str = key("", doc="PEM bundle to verify Vault's TLS certificate")
+    # auth = "token"
+    token_file: str = key("", doc="re-read when it changes")
+    token_env: str = key("VAULT_TOKEN", doc="used when token_file is empty")
+    # auth = "approle"
+    approle_mount: str = key("approle", tidy=_no_outer_slashes)
+    role_id: str = key("")
+    secret_id_file: str = key("")
+    # auth = "kubernetes"
+    kubernetes_mount: str = key("kubernetes", tidy=_no_outer_slashes)
+    role: str = key("")
+    jwt_file: str = key("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialConfig:
+    source: str = key("vault", choices=("vault", "file", "env"))
+    file: FileSourceConfig = field(default_factory=FileSourceConfig)
+    env: EnvSourceConfig = field(default_factory=EnvSourceConfig)
+    vault: VaultConfig = field(
+        default_factory=VaultConfig, metadata={_KEY: Key(used_when=("source", "vault"))}
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    max_bytes: int = key(
+        268435456, lo=0, hi=2**40, unit="bytes", doc="256 MiB of cached invoices, overhead included"
+    )
+    open_period_ttl_s: float = key(
+        300.0, lo=0, hi=_YEAR, unit="s", doc="invoices whose period is open, or unparsable"
+    )
+    not_found_ttl_s: float = key(
+        30.0, lo=0, hi=_YEAR, unit="s", doc="remembered 404s; 0 turns it off"
+    )
+    stale_if_error_s: float = key(
+        86400.0, lo=0, hi=_YEAR, unit="s", doc="expired entries served when PlanetScale fails"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    key_sha256: tuple[str, ...] = key(
+        (),
+        items=_HEX64.fullmatch,
+        item_problem=_DIGEST_PROBLEM,
+        doc="admin keys for the cache purge; empty: purge disabled",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: str = key("info", choices=("debug", "info", "warning", "error"))
+    format: str = key("json", choices=("json", "console"))
+
+
+@dataclass(frozen=True, slots=True)
+class CallerConfig:
+    name: str = needed("", check=_caller_name)
+    key_sha256: tuple[str, ...] = needed(
+        (),
+        nonempty="must list at least one digest",
+        items=_HEX64.fullmatch,
+        item_problem=_DIGEST_PROBLEM,
+        check=_caller_digests,
+    )
+    organizations: tuple[str, ...] = needed(
+        (),
+        nonempty="must list at least one organization (or '*')",
+        items=_is_organization,
+        item_problem="expected '*' or 1 to 64 of A-Z a-z 0-9 _ -",
+    )
+    rate_per_s: float = key(
+        0.0, lo=0, hi=1_000_000, unit="per second", doc="this caller's request rate; 0: unlimited"
+    )
+    burst: int = key(
+        0, lo=0, hi=1_000_000, unit="requests", doc="bucket size; 0: twice the rate, at least 1"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SharedConfig:
+    """`[shared]`: the fleet level on Redis. Its budget is `upstream.fleet_*`."""
+
+    redis_url: str = key(
+        "", required=True, url=_redis_url_problem, doc="redis:// or rediss:// (TLS)"
+    )
+    username: str = key("", doc="Redis ACL user; empty: the default user")
+    password_file: str = key("", doc="holds the password, re-read for each new connection")
+    ca_file: str = key("", doc="PEM bundle to verify a rediss:// server's certificate")
+    namespace: str = key("invoice-proxy", doc="key prefix: several deployments can share a Redis")
+    timeout_s: float = key(
+        0.05, lo=0.001, hi=10, unit="s", doc="one Redis command, connecting included"
+    )
+    max_connections: int = key(32, lo=1, hi=10_000, doc="connection pool of each process")
+    retry_interval_s: float = key(
+        1.0, lo=0.01, hi=600, unit="s", doc="after an outage is seen, one probe this often"
+    )
+    lock_ttl_s: float = key(
+        5.0, lo=0.01, hi=600, unit="s", doc="a replica's claim on a fetch; others wait at most this"
+    )
+    final_ttl_s: float = key(
+        2592000.0, lo=0, hi=86400 * 3650, unit="s", doc="final invoices in Redis (30 days); 0: none"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    credential: CredentialConfig = field(default_factory=CredentialConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    callers: tuple[CallerConfig, ...] = key((), doc="[[callers]]: one table per calling service")
+    shared: SharedConfig | None = None  # [shared]: the fleet level on Redis; None: off
+
+
+# --- the reader ------------------------------------------------------------------------
+
+
+class _Table:
+    """A TOML table being read: typed getters that record problems under a dotted path.
+
+    `values` holds its keys read so far; `outer` those of the enclosing table, and
+    `earlier` the tables before this one in an array (rules and checks may need them).
+    """
+
+    def __init__(
+        self,
+        data: dict[str, Any],
+        path: str,
+        problems: list[str],
+        *,
+        outer: Mapping[str, Any],
+        earlier: tuple[Any, ...] = (),
+        in_use: bool = True,
+    ) -> None:
+        self._data = data
+        self._path = path
+        self.problems = problems
+        self.outer = outer
+        self.earlier = earlier
+        self.in_use = in_use
+        self.values: dict[str, Any] = {}
+        self._seen: set[str] = set()
+
+    def _key(self, key: str) -> str:
+        return f"{self._path}.{key}" if self._path else key
+
+    def has(self, key: str) -> bool:
+        return key in self._data
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.append(f"{self._key(key)}: {message}")
+
+    def _get(self, key: str, default: T, kind: str, accept: Callable[[Any], bool]) -> T:
+        self._seen.add(key)
+        if key not in self._data:
+            return default
+        value = self._data[key]
+        if not accept(value):
+            self.problem(key, f"expected {kind}")
+            return default
+        return value  # type: ignore[no-any-return]
+
+    def required(self, key: str) -> None:
+        if key not in self._data:
+            self._seen.add(key)
+            self.problem(key, "is required")
+
+    def string(self, key: str, default: str, choices: tuple[str, ...] = ()) -> str:
+        value = self._get(key, default, "a string", lambda v: isinstance(v, str))
+        if choices and value not in choices:
+            self.problem(key, f"expected one of {', '.join(repr(c) for c in choices)}")
+            return default
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        return self._get(key, default, "a boolean", lambda v: isinstance(v, bool))
+
+    def integer(self, key: str, default: int, lo: float | None, hi: float | None) -> int:
+        value = self._get(
+            key, default, "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)
+        )
+        return self._range(key, value, default, lo, hi)
+
+    def number(self, key: str, default: float, lo: float | None, hi: float | None) -> float:
+        value = self._get(
+            key,
+            default,
+            "a number",
+            lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+        )
+        # TOML has nan and inf; compared with a bound, nan is never out of range, so a
+        # `rate_per_s = nan` would pass and switch the cap off.
+        if isinstance(value, float) and not math.isfinite(value):
+            self.problem(key, "expected a finite number")
+            return default
+        return float(self._range(key, value, default, lo, hi))
+
+    def _range(self, key: str, value: T, default: T, lo: Any, hi: Any) -> T:
+        if lo is not None and value < lo:
+            self.problem(key, f"must be at least {lo}")
+            return default
+        if hi is not None and value > hi:
+            self.problem(key, f"must be at most {hi}")
+            return default
+        return value
+
+    def strings(self, key: str, default: tuple[str, ...], spec: Key) -> tuple[str, ...]:
+        value = self._get(
+            key,
+            None,
+            "an array of strings",
+            lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
+        )
+        strings = default if value is None else tuple(value)
+        if spec.nonempty and not strings and isinstance(self._data.get(key), list):
+            self.problem(key, spec.nonempty)
+        if spec.items is not None:
+            for i, item in enumerate(strings):
+                if not spec.items(item):
+                    self.problem(f"{key}[{i}]", spec.item_problem)
+        return strings
+
+    def table(self, key: str, *, in_use: bool) -> _Table:
+        self._seen.add(key)
+        value = self._data.get(key, {})
+        if not isinstance(value, dict):
+            self.problem(key, "expected a table")
+            value = {}
+        return _Table(value, self._key(key), self.problems, outer=self.values, in_use=in_use)
+
+    def array(self, key: str) -> list[dict[str, Any]]:
+        self._seen.add(key)
+        value = self._data.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            self.problem(key, "expected an array of tables ([[...]])")
+            return []
+        return value
+
+    def entry(self, key: str, i: int, data: dict[str, Any], earlier: tuple[Any, ...]) -> _Table:
+        path = f"{self._key(key)}[{i}]"
+        return _Table(data, path, self.problems, outer=self.values, earlier=earlier)
+
+    def finish(self) -> None:
+        for key in self._data:
+            if key not in self._seen:
+                self.problem(key, "unknown key")
+
+
+@functools.cache
+def _types(cls: Any) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _spec(f: dataclasses.Field[Any]) -> Key:
+    spec = f.metadata.get(_KEY, _PLAIN)
+    assert isinstance(spec, Key)
+    return spec
+
+
+def _read(cls: type[T], t: _Table) -> T:
+    """One table as `cls`: every field by its annotation and Key, then the table's URL
+    checks and rules (when it is in use), then its unknown keys."""
+    section: Any = cls  # a dataclass: mypy cannot say so of a type[T]
+    fields = dataclasses.fields(section)
+    types_ = _types(section)
+    for f in fields:
+        t.values[f.name] = _value(f, types_[f.name], t)
+    config = cls(**t.values)
+    if t.in_use:
+        for f in fields:
+            spec = _spec(f)
+            value = t.values[f.name]
+            if spec.url is not None and (value or not spec.required):
+                problem = spec.url(value)
+                if problem:
+                    t.problem(f.name, problem)
+        rule = _RULES.get(cls)
+        if rule is not None:
+            rule(config, t)
+    t.finish()
+    return config
+
+
+def _value(f: dataclasses.Field[Any], kind: Any, t: _Table) -> Any:
+    """One key of `t`, as the field `f` of type `kind` declares it."""
+    spec, name = _spec(f), f.name
+    if spec.required and t.in_use:
+        t.required(name)
+    default: Any = spec.fallback if f.default is dataclasses.MISSING else f.default
+    value: Any
+    if kind is str:
+        value = t.string(name, default, spec.choices)
+        if spec.tidy is not None:
+            value = spec.tidy(value)
+    elif kind is bool:
+        value = t.boolean(name, default)
+    elif kind is int:
+        value = t.integer(name, default, spec.lo, spec.hi)
+    elif kind is float:
+        value = t.number(name, default, spec.lo, spec.hi)
+    elif kind == tuple[str, ...]:
+        value = t.strings(name, default, spec)
+    elif isinstance(kind, type) and dataclasses.is_dataclass(kind):
+        used = spec.used_when is None or t.values[spec.used_when[0]] == spec.used_when[1]
+        value = _read(kind, t.table(name, in_use=t.in_use and used))
+    elif get_origin(kind) is tuple:  # tuple[SomeConfig, ...]: an array of tables
+        entries: tuple[Any, ...] = ()
+        for i, data in enumerate(t.array(name)):
+            entries += (_read(get_args(kind)[0], t.entry(name, i, data, entries)),)
+        value = entries
+    elif get_origin(kind) in (Union, types.UnionType):  # SomeConfig | None: optional table
+        (table_kind,) = (k for k in get_args(kind) if k is not type(None))
+        value = _read(table_kind, t.table(name, in_use=t.in_use)) if t.has(name) else None
+    else:
+        raise TypeError(f"{name}: no reader for {kind!r}")
+    if spec.check is not None:
+        spec.check(value, t)
+    return value
+
+
+# --- rules between keys, run after a table's keys are read -----------------------------
+
+
+def _server_rules(c: ServerConfig, t: _Table) -> None:
     if c.workers > 1:
         if c.port == 0 or c.admin_port == 0:
-            s.problem("workers", "needs fixed ports (server.port and server.admin_port not 0)")
+            t.problem("workers", "needs fixed ports (server.port and server.admin_port not 0)")
         elif c.admin_port <= c.port < c.admin_port + c.workers:
-            s.problem("port", f"must not be a worker's admin port ({c.admin_port} and up)")
+            t.problem("port", f"must not be a worker's admin port ({c.admin_port} and up)")
         elif c.admin_port + c.workers - 1 > 65535:
-            s.problem("workers", "worker admin ports (admin_port + i) go beyond 65535")
+            t.problem("workers", "worker admin ports (admin_port + i) go beyond 65535")
     if c.port == c.admin_port and c.port != 0:
-        s.problem("admin_port", "must differ from server.port")
-    s.finish()
-    return c
+        t.problem("admin_port", "must differ from server.port")
 
 
-def _upstream(s: _Section) -> UpstreamConfig:
-    d = UpstreamConfig()
-    c = UpstreamConfig(
-        base_url=s.string("base_url", d.base_url).rstrip("/"),
-        connect_timeout_s=s.number("connect_timeout_s", d.connect_timeout_s, 0.01, 300),
-        timeout_s=s.number("timeout_s", d.timeout_s, 0.01, 300),
-        deadline_s=s.number("deadline_s", d.deadline_s, 0.01, 600),
-        retries=s.integer("retries", d.retries, 0, 10),
-        backoff_base_s=s.number("backoff_base_s", d.backoff_base_s, 0, 60),
-        backoff_max_s=s.number("backoff_max_s", d.backoff_max_s, 0, 600),
-        max_connections=s.integer("max_connections", d.max_connections, 1, 10_000),
-        max_concurrency=s.integer("max_concurrency", d.max_concurrency, 1, 10_000),
-        rate_per_s=s.number("rate_per_s", d.rate_per_s, 0.001, 100_000),
-        burst=s.integer("burst", d.burst, 1, 100_000),
-        max_queue_wait_s=s.number("max_queue_wait_s", d.max_queue_wait_s, 0, 600),
-        max_body_bytes=s.integer("max_body_bytes", d.max_body_bytes, 256, 16 * 1024 * 1024),
-        strict_schema=s.boolean("strict_schema", d.strict_schema),
-        circuit_failures=s.integer("circuit_failures", d.circuit_failures, 1, 10_000),
-        circuit_open_s=s.number("circuit_open_s", d.circuit_open_s, 0.01, 3600),
-        fleet_rate_per_minute=s.number(
-            "fleet_rate_per_minute", d.fleet_rate_per_minute, 0.01, 1_000_000
-        ),
-        fleet_burst=s.integer("fleet_burst", d.fleet_burst, 1, 100_000),
-        fleet_max_wait_s=s.number("fleet_max_wait_s", d.fleet_max_wait_s, 0, 600),
-    )
-    problem = url_problem(c.base_url)
-    if problem:
-        s.problem("base_url", problem)
-    s.finish()
-    return c
+def _vault_rules(c: VaultConfig, t: _Table) -> None:
+    if c.auth == "approle":
+        if not c.role_id:
+            t.problem("role_id", "is required when auth = 'approle'")
+        if not c.secret_id_file:
+            t.problem("secret_id_file", "is required when auth = 'approle'")
+    if c.auth == "kubernetes" and not c.role:
+        t.problem("role", "is required when auth = 'kubernetes'")
 
 
-def _credential(s: _Section) -> CredentialConfig:
-    source = s.string("source", "vault", ("vault", "file", "env"))
-    f = s.section("file")
-    fd = FileSourceConfig()
-    file = FileSourceConfig(
-        path=f.string("path", fd.path),
-        poll_interval_s=f.number("poll_interval_s", fd.poll_interval_s, 0.05, 3600),
-    )
-    f.finish()
-    e = s.section("env")
-    ed = EnvSourceConfig()
-    env = EnvSourceConfig(
-        token_id_var=e.string("token_id_var", ed.token_id_var),
-        token_var=e.string("token_var", ed.token_var),
-    )
-    e.finish()
-    vault = _vault(s.section("vault"), required=source == "vault")
-    s.finish()
-    return CredentialConfig(source=source, file=file, env=env, vault=vault)
+def _shared_rules(c: SharedConfig, t: _Table) -> None:
+    if c.redis_url and c.ca_file and not c.redis_url.lower().startswith("rediss://"):
+        t.problem("ca_file", "is only used with a rediss:// URL")
+    if c.username and not c.password_file:
+        t.problem("username", "needs shared.password_file")
+    if not _NAMESPACE.fullmatch(c.namespace):
+        t.problem("namespace", "expected 1 to 64 characters of A-Z a-z 0-9 _ . -")
 
 
-def _vault(v: _Section, required: bool) -> VaultConfig:
-    d = VaultConfig()
-    if required:
-        v.required("address")
-    c = VaultConfig(
-        address=v.string("address", d.address).rstrip("/"),
-        mount=v.string("mount", d.mount).strip("/"),
-        path=v.string("path", d.path).strip("/"),
-        token_id_field=v.string("token_id_field", d.token_id_field),
-        token_field=v.string("token_field", d.token_field),
-        auth=v.string("auth", d.auth, ("token", "approle", "kubernetes")),
-        refresh_interval_s=v.number("refresh_interval_s", d.refresh_interval_s, 0.1, 86400),
-        timeout_s=v.number("timeout_s", d.timeout_s, 0.01, 300),
-        namespace=v.string("namespace", d.namespace),
-        ca_file=v.string("ca_file", d.ca_file),
-        token_file=v.string("token_file", d.token_file),
-        token_env=v.string("token_env", d.token_env),
-        approle_mount=v.string("approle_mount", d.approle_mount).strip("/"),
-        role_id=v.string("role_id", d.role_id),
-        secret_id_file=v.string("secret_id_file", d.secret_id_file),
-        kubernetes_mount=v.string("kubernetes_mount", d.kubernetes_mount).strip("/"),
-        role=v.string("role", d.role),
-        jwt_file=v.string("jwt_file", d.jwt_file),
-    )
-    if required:
-        problem = url_problem(c.address) if c.address else None
-        if problem:
-            v.problem("address", problem)
-        if c.auth == "approle":
-            if not c.role_id:
-                v.problem("role_id", "is required when auth = 'approle'")
-            if not c.secret_id_file:
-                v.problem("secret_id_file", "is required when auth = 'approle'")
-        if c.auth == "kubernetes" and not c.role:
-            v.problem("role", "is required when auth = 'kubernetes'")
-    v.finish()
-    return c
+def _config_rules(c: Config, t: _Table) -> None:
+    if not c.callers and not t.problems:
+        t.problem("callers", "at least one [[callers]] table is required")
 
 
-def _cache(s: _Section) -> CacheConfig:
-    d = CacheConfig()
-    c = CacheConfig(
-        max_bytes=s.integer("max_bytes", d.max_bytes, 0, 2**40),
-        open_period_ttl_s=s.number("open_period_ttl_s", d.open_period_ttl_s, 0, 86400 * 365),
-        not_found_ttl_s=s.number("not_found_ttl_s", d.not_found_ttl_s, 0, 86400 * 365),
-        stale_if_error_s=s.number("stale_if_error_s", d.stale_if_error_s, 0, 86400 * 365),
-    )
-    s.finish()
-    return c
+# By section: run once the section's keys are read, if the section is in use.
+_RULES: dict[type, Callable[[Any, _Table], None]] = {
+    ServerConfig: _server_rules,
+    VaultConfig: _vault_rules,
+    SharedConfig: _shared_rules,
+    Config: _config_rules,
+}
 
 
-def _callers(s: _Section) -> tuple[CallerConfig, ...]:
-    callers = []
-    names: set[str] = set()
-    owners: dict[str, str] = {}
-    for t in s.tables("callers"):
-        ok = t.required("name")
-        name = t.string("name", "")
-        if ok and not _CALLER_NAME.fullmatch(name):
-            t.problem("name", "expected 1 to 64 characters of A-Z a-z 0-9 _ . -")
-        elif name in names:
-            t.problem("name", f"duplicate caller name {name!r}")
-        elif name == "unknown":
-            t.problem("name", "'unknown' is reserved for unauthenticated requests")
-        names.add(name)
-        digests = t.digests("key_sha256", required=True)
-        for i, digest in enumerate(digests):
-            if digest in owners:
-                t.problem(f"key_sha256[{i}]", f"this digest is also a key of {owners[digest]!r}")
-            owners.setdefault(digest, name)
-        has_orgs = t.required("organizations")
-        orgs = t.strings("organizations")
-        if has_orgs and isinstance(t._data.get("organizations"), list) and not orgs:
-            t.problem("organizations", "must list at least one organization (or '*')")
-        for i, org in enumerate(orgs):
-            if org != "*" and not NAME_PATTERN.fullmatch(org):
-                t.problem(f"organizations[{i}]", "expected '*' or 1 to 64 of A-Z a-z 0-9 _ -")
-        rate = t.number("rate_per_s", 0.0, 0, 1_000_000)
-        burst = t.integer("burst", 0, 0, 1_000_000)
-        t.finish()
-        callers.append(CallerConfig(name, digests, orgs, rate, burst))
-    return tuple(callers)
+def parse_section(
+    cls: type[T], data: dict[str, Any], path: str = "", **outer: Any
+) -> tuple[T, list[str]]:
+    """Read one table as the section dataclass `cls`: the section, and every problem
+    named by its path under `path` (none: it is valid).
+
+    `outer` holds keys of the enclosing table its rules read (for `SharedConfig`,
+    `upstream`: an UpstreamConfig, whose defaults apply otherwise).
+    """
+    problems: list[str] = []
+    section = _read(cls, _Table(data, path, problems, outer=outer))
+    return section, problems
 
 
 def parse_config(data: dict[str, Any]) -> Config:
     """Build a Config from a decoded TOML document; raise ConfigError with every problem."""
-    problems: list[str] = []
-    root = _Section(data, "", problems)
-    server = _server(root.section("server"))
-    upstream = _upstream(root.section("upstream"))
-    credential = _credential(root.section("credential"))
-    cache = _cache(root.section("cache"))
-    a = root.section("admin")
-    admin = AdminConfig(key_sha256=a.digests("key_sha256", required=False))
-    a.finish()
-    lg = root.section("logging")
-    logging = LoggingConfig(
-        level=lg.string("level", "info", ("debug", "info", "warning", "error")),
-        format=lg.string("format", "json", ("json", "console")),
-    )
-    lg.finish()
-    callers = _callers(root)
-    shared = None
-    if "shared" in data:
-        from .shared import parse_shared  # it loads the Redis client: only when configured
-
-        shared = parse_shared(root.section("shared"), upstream)
-    if not callers and not problems:
-        problems.append("callers: at least one [[callers]] table is required")
-    root.finish()
+    config, problems = parse_section(Config, data)
     if problems:
         raise ConfigError(problems)
-    return Config(server, upstream, credential, cache, admin, logging, callers, shared)
+    return config
 
 
 _MAX_FILE_BYTES = 4 * 1024 * 1024  # a configuration is a few KiB; beyond this, not one

@@ -23,12 +23,11 @@ import contextlib
 import functools
 import hashlib
 import math
-import re
 import secrets
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -42,7 +41,7 @@ from redis.exceptions import RedisError
 
 from . import errors
 from .cache import Fetcher
-from .config import UpstreamConfig, _Section, url_problem
+from .config import SharedConfig, UpstreamConfig
 from .invoice import InvalidInvoice, check_invoice
 from .resilience import FAIR_LANE, CircuitBreaker, CircuitState, FairQueue, Refused
 from .upstream import Fetched, spend_deadline, wait_bound_s
@@ -57,7 +56,6 @@ FORMAT_VERSION = "v1"
 # A stored answer: status, fresh_until and stale_until (Unix time, inf for final
 # invoices), then the body.
 _HEADER = struct.Struct("!Hdd")
-_NAMESPACE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # Consecutive failures that mark the store down (one stray timeout does not).
 _FAILURES = 3
 # How a replica polls for the answer another replica is fetching: the first look
@@ -179,71 +177,6 @@ return {1, math.ceil(wait)}
 """
 
 
-@dataclass(frozen=True, slots=True)
-class SharedConfig:
-    redis_url: str = ""  # redis:// or rediss:// (TLS); required in a [shared] table
-    username: str = ""  # Redis ACL user; empty: the default user
-    password_file: str = ""  # holds the password, re-read for each new connection
-    ca_file: str = ""  # PEM bundle to verify a rediss:// server's certificate
-    namespace: str = "invoice-proxy"  # key prefix: several deployments can share a Redis
-    timeout_s: float = 0.05  # one Redis command, connecting included
-    max_connections: int = 32  # connection pool of each process
-    retry_interval_s: float = 1.0  # after an outage is seen, one probe this often
-    lock_ttl_s: float = 5.0  # a replica's claim on a fetch, renewed while it runs
-    final_ttl_s: float = 2592000.0  # Redis lifetime of final invoices (30 days); 0: none
-    # Copied from [upstream] (see UpstreamConfig) by parse_shared.
-    fleet_rate_per_minute: float = 300.0
-    fleet_burst: int = 10
-    fleet_max_wait_s: float = 1.0
-
-
-def parse_shared(s: _Section, upstream: UpstreamConfig | None = None) -> SharedConfig:
-    """The `[shared]` table (present: the shared level is on); problems are recorded by path.
-
-    The fleet budget's keys sit in `[upstream]` beside the per-replica rate cap; they are
-    copied here, where the Redis code reads them.
-    """
-    d = SharedConfig()
-    u = upstream or UpstreamConfig()
-    s.required("redis_url")
-    c = SharedConfig(
-        redis_url=s.string("redis_url", d.redis_url),
-        username=s.string("username", d.username),
-        password_file=s.string("password_file", d.password_file),
-        ca_file=s.string("ca_file", d.ca_file),
-        namespace=s.string("namespace", d.namespace),
-        timeout_s=s.number("timeout_s", d.timeout_s, 0.001, 10),
-        max_connections=s.integer("max_connections", d.max_connections, 1, 10_000),
-        retry_interval_s=s.number("retry_interval_s", d.retry_interval_s, 0.01, 600),
-        lock_ttl_s=s.number("lock_ttl_s", d.lock_ttl_s, 0.01, 600),
-        final_ttl_s=s.number("final_ttl_s", d.final_ttl_s, 0, 86400 * 3650),
-        fleet_rate_per_minute=u.fleet_rate_per_minute,
-        fleet_burst=u.fleet_burst,
-        # The budget's wait is the first of a fetch's waits: all of them share the
-        # deadline, less the room kept for the attempt.
-        fleet_max_wait_s=min(u.fleet_max_wait_s, wait_bound_s(u)),
-    )
-    if c.redis_url:
-        problem = url_problem(
-            c.redis_url,
-            ("redis", "rediss"),
-            expected="expected a redis:// or rediss:// (TLS) URL",
-            userinfo="must not hold credentials: name the user in shared.username and the "
-            "password's file in shared.password_file",
-            query=True,  # redis-py reads connection options from the query
-        )
-        if problem:
-            s.problem("redis_url", problem)
-        if c.ca_file and not c.redis_url.lower().startswith("rediss://"):
-            s.problem("ca_file", "is only used with a rediss:// URL")
-    if c.username and not c.password_file:
-        s.problem("username", "needs shared.password_file")
-    if not _NAMESPACE.fullmatch(c.namespace):
-        s.problem("namespace", "expected 1 to 64 characters of A-Z a-z 0-9 _ . -")
-    s.finish()
-    return c
-
-
 class SharedMetrics:
     """The shared level's metrics, in the service's registry."""
 
@@ -350,6 +283,7 @@ class SharedStore:
     def __init__(
         self,
         config: SharedConfig,
+        upstream_config: UpstreamConfig,
         metrics: SharedMetrics,
         *,
         clock: Callable[[], float] = time.time,
@@ -363,8 +297,8 @@ class SharedStore:
         self._budget_key = f"{self._prefix}:budget"
         self._lock_ms = max(1, round(config.lock_ttl_s * 1000))
         self._budget_args = (
-            round(60_000_000 / config.fleet_rate_per_minute),
-            config.fleet_burst,
+            round(60_000_000 / upstream_config.fleet_rate_per_minute),
+            upstream_config.fleet_burst,
         )
         self._circuit = CircuitBreaker(_FAILURES, config.retry_interval_s, monotonic)
         self._outage_since: float | None = None
@@ -650,12 +584,12 @@ class SharedLevel:
     def __init__(
         self,
         config: SharedConfig,
+        upstream_config: UpstreamConfig,
         store: SharedStore,
         upstream_fetch: Fetcher,
         lifetimes: Lifetimes,
         metrics: SharedMetrics,
         *,
-        upstream_config: UpstreamConfig,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -664,6 +598,13 @@ class SharedLevel:
         # A holder renews its lock while it fetches, and a fetch ends within the
         # upstream deadline; a holder that died lets its lock expire within lock_ttl_s.
         self._max_lock_wait_s = config.lock_ttl_s + upstream_config.deadline_s
+        # The budget's wait is the first of a fetch's waits: all of them share the
+        # deadline, less the room kept for the attempt.
+        self._fleet_max_wait_s = min(
+            upstream_config.fleet_max_wait_s, wait_bound_s(upstream_config)
+        )
+        self._fleet_rate_per_minute = upstream_config.fleet_rate_per_minute
+        self._fleet_burst = upstream_config.fleet_burst
         self._store = store
         self._upstream = upstream_fetch
         self._lifetimes = lifetimes
@@ -813,9 +754,7 @@ class SharedLevel:
         """
         start = self._monotonic()
         try:
-            counted = await self._budget_queue.acquire(
-                FAIR_LANE.get(), self._config.fleet_max_wait_s
-            )
+            counted = await self._budget_queue.acquire(FAIR_LANE.get(), self._fleet_max_wait_s)
         except Refused as refused:
             self._refused.inc()
             raise errors.rate_limited(
@@ -828,8 +767,8 @@ class SharedLevel:
     @functools.cached_property
     def _budget_queue(self) -> FairQueue[Counter]:
         """Waiting fetches of this replica, served in turn; one booking in Redis at a time."""
-        interval_s = 60.0 / self._config.fleet_rate_per_minute
-        burst = self._config.fleet_burst
+        interval_s = 60.0 / self._fleet_rate_per_minute
+        burst = self._fleet_burst
         return FairQueue(
             self._book_budget,
             # Optimistic (the burst unspent, no other replica waiting): only a wait that

@@ -8,6 +8,7 @@ import math
 import re
 import subprocess
 import sys
+import tomllib
 from functools import partial
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -149,6 +150,53 @@ def test_check_config_accepts_the_shipped_examples() -> None:
         assert "OK" in result.stdout
 
 
+# Keys whose value in config/example.toml is an example, not the default.
+EXAMPLE_VALUES = {
+    "credential.vault.address",
+    "credential.vault.role",
+    "admin.key_sha256",
+    "shared.redis_url",
+    "shared.password_file",
+}
+
+
+def example_document() -> dict[str, Any]:
+    """config/example.toml with its commented-out [shared] table switched on."""
+    text = (ROOT / "config" / "example.toml").read_text()
+    head, _, tail = text.partition("# [shared]\n")
+    lines = tail.splitlines()
+    switched = []
+    while lines and lines[0].startswith("# ") and " = " in lines[0]:
+        switched.append(lines.pop(0)[2:])
+    return tomllib.loads(head + "[shared]\n" + "\n".join([*switched, *lines]) + "\n")
+
+
+def test_example_lists_every_key_with_its_default() -> None:
+    """config/example.toml names every key of the dataclasses, and no other, with its
+    default (but for a few example values): a key added later must be documented there."""
+    from proxy.config import CallerConfig, Config, SharedConfig
+
+    document = example_document()
+
+    def compare(cls: type, table: dict[str, Any], path: str) -> None:
+        hints = get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert set(table) == names, (path, set(table) ^ names)
+        for f in dataclasses.fields(cls):
+            kind = hints[f.name]
+            key = f"{path}.{f.name}".lstrip(".")
+            if dataclasses.is_dataclass(kind):
+                compare(kind, table[f.name], key)  # type: ignore[arg-type]
+            elif key not in ("callers", "shared", *EXAMPLE_VALUES):  # those two: below
+                value = table[f.name]
+                assert (tuple(value) if isinstance(value, list) else value) == f.default, key
+
+    compare(Config, document, "")
+    compare(SharedConfig, document["shared"], "shared")
+    caller_keys = {k for caller in document["callers"] for k in caller}
+    assert caller_keys == {f.name for f in dataclasses.fields(CallerConfig)}
+
+
 def test_check_config_reads_the_environment_variable() -> None:
     import os
 
@@ -190,8 +238,7 @@ SHARED = {"redis_url": "redis://127.0.0.1:6379/0"}
 def _number_keys() -> list[tuple[str | int, ...]]:
     """Every float key of the configuration, found by walking the dataclasses: a key added
     later is checked without a change here."""
-    from proxy.config import CallerConfig, Config
-    from proxy.shared import SharedConfig
+    from proxy.config import CallerConfig, Config, SharedConfig
 
     hints_of = partial(
         get_type_hints, localns={"SharedConfig": SharedConfig, "CallerConfig": CallerConfig}
@@ -202,8 +249,6 @@ def _number_keys() -> list[tuple[str | int, ...]]:
         hints = hints_of(cls)
         for f in dataclasses.fields(cls):
             kind = hints[f.name]
-            if cls is SharedConfig and f.name.startswith("fleet_"):
-                continue  # copied from [upstream] by parse_shared, not keys of [shared]
             if kind is float:
                 keys.append((*prefix, f.name))
             elif dataclasses.is_dataclass(kind):

@@ -28,16 +28,14 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from proxy.app import METRICS
-from proxy.config import ConfigError, UpstreamConfig, _Section, parse_config
+from proxy.config import ConfigError, SharedConfig, UpstreamConfig, parse_config, parse_section
 from proxy.shared import (
     FORMAT_VERSION,
     Budget,
     Shared,
-    SharedConfig,
     SharedMetrics,
     SharedStore,
     Unavailable,
-    parse_shared,
 )
 from proxy.standin import Behaviour
 from proxy.workers import worker_config
@@ -74,24 +72,26 @@ async def inspect(redis_server: RedisServer) -> AsyncIterator[redis.asyncio.Redi
 FLEET_KEYS = ("fleet_rate_per_minute", "fleet_burst", "fleet_max_wait_s")
 
 
-def shared_config(server: RedisServer, **values: Any) -> SharedConfig:
-    problems: list[str] = []
+Fleet = tuple[SharedConfig, UpstreamConfig]  # [shared], and [upstream] for the fleet budget
+
+
+def shared_config(server: RedisServer, **values: Any) -> Fleet:
     fleet = {k: values.pop(k) for k in FLEET_KEYS if k in values}
-    config = parse_shared(
-        _Section({"redis_url": server.url, **values}, "shared", problems),
-        replace(UpstreamConfig(), **fleet),
+    upstream = replace(UpstreamConfig(), **fleet)
+    config, problems = parse_section(
+        SharedConfig, {"redis_url": server.url, **values}, "shared", upstream=upstream
     )
     assert problems == []
-    return config
+    return config, upstream
 
 
 def opened(store: SharedStore) -> AbstractAsyncContextManager[None]:
     return asynccontextmanager(store.lifetime)()
 
 
-def new_store(config: SharedConfig) -> tuple[SharedStore, CollectorRegistry]:
+def new_store(config: Fleet) -> tuple[SharedStore, CollectorRegistry]:
     registry = CollectorRegistry()
-    return SharedStore(config, SharedMetrics(registry)), registry
+    return SharedStore(*config, SharedMetrics(registry)), registry
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
@@ -102,35 +102,33 @@ def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
 
 
 def test_shared_table_needs_a_redis_url() -> None:
-    problems: list[str] = []
-    parse_shared(_Section({}, "shared", problems))
+    _, problems = parse_section(SharedConfig, {}, "shared")
     assert problems == ["shared.redis_url: is required"]
 
 
 def test_shared_defaults_are_safe() -> None:
-    config = SharedConfig()
-    assert 0 < config.fleet_rate_per_minute < 600, "the default stays under PlanetScale's limit"
+    config, upstream = SharedConfig(), UpstreamConfig()
+    assert 0 < upstream.fleet_rate_per_minute < 600, "the default stays under PlanetScale's limit"
     assert config.timeout_s <= 0.1, "a Redis outage must not add seconds to a request"
-    assert config.lock_ttl_s > config.fleet_max_wait_s
+    # The holder renews its lock every lock_ttl_s / 3 (issue 12 dropped the rule that the
+    # lock outlive fleet_max_wait_s): one renewal that times out leaves two more tries.
+    assert config.lock_ttl_s / 3 > 2 * config.timeout_s
 
 
 def test_shared_config_names_every_problem_by_its_path() -> None:
-    problems: list[str] = []
-    parse_shared(
-        _Section(
-            {
-                "redis_url": "redis://user:hunter2@redis:6379/0",
-                "ca_file": "/etc/ca.pem",
-                "username": "proxy",
-                "namespace": "a:b",
-                "timeout_s": "fast",
-                "lock_ttl_s": 0.5,
-                "colour": "blue",
-            },
-            "shared",
-            problems,
-        ),
-        replace(UpstreamConfig(), fleet_max_wait_s=1.0),
+    _, problems = parse_section(
+        SharedConfig,
+        {
+            "redis_url": "redis://user:hunter2@redis:6379/0",
+            "ca_file": "/etc/ca.pem",
+            "username": "proxy",
+            "namespace": "a:b",
+            "timeout_s": "fast",
+            "lock_ttl_s": 0.5,
+            "colour": "blue",
+        },
+        "shared",
+        upstream=replace(UpstreamConfig(), fleet_max_wait_s=1.0),
     )
     assert problems == [
         "shared.timeout_s: expected a number",
@@ -146,19 +144,15 @@ def test_shared_config_names_every_problem_by_its_path() -> None:
 
 @pytest.mark.parametrize("url", ["http://redis:6379", "redis://", "unix:///run/redis.sock"])
 def test_shared_redis_url_must_be_redis_or_rediss(url: str) -> None:
-    problems: list[str] = []
-    parse_shared(_Section({"redis_url": url}, "shared", problems))
+    _, problems = parse_section(SharedConfig, {"redis_url": url}, "shared")
     assert problems == ["shared.redis_url: expected a redis:// or rediss:// (TLS) URL"]
 
 
 def test_tls_url_takes_a_ca_file() -> None:
-    problems: list[str] = []
-    config = parse_shared(
-        _Section(
-            {"redis_url": "rediss://redis.internal:6380/0", "ca_file": "/etc/ca.pem"},
-            "shared",
-            problems,
-        )
+    config, problems = parse_section(
+        SharedConfig,
+        {"redis_url": "rediss://redis.internal:6380/0", "ca_file": "/etc/ca.pem"},
+        "shared",
     )
     assert problems == [] and config.ca_file == "/etc/ca.pem"
 
@@ -887,8 +881,7 @@ def test_redis_overlay_reads_the_password_from_the_secret_and_autoscales() -> No
     secret = next(v for v in pod["volumes"] if v["name"] == "redis-password")["secret"]
     assert secret["secretName"] == "invoice-proxy-redis"
     assert secret["items"] == [{"key": "password", "path": "password"}]
-    problems: list[str] = []
-    parse_shared(_Section(shared, "shared", problems))
+    _, problems = parse_section(SharedConfig, shared, "shared")
     assert problems == [], "no credentials in redis_url"
 
     # The trial Valkey is the one redis_url names, takes the same Secret, and shows no
