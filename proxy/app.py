@@ -14,13 +14,15 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from .admin import AdminHandlers
 from .auth import Authenticator
 from .cache import Fetcher, InvoiceCache
 from .clock import SYSTEM_CLOCK, Clock
 from .config import AdminConfig, CallerConfig, Config, CredentialConfig
 from .credential import CredentialSource, CredentialStore, EnvSource, FileSource, running
-from .handlers import AdminHandlers, InvoiceHandler, observe
+from .handlers import InvoiceHandler
 from .metrics import Metrics
+from .middleware import observe
 from .upstream import Upstream
 
 if TYPE_CHECKING:
