@@ -14,13 +14,15 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from .admin import AdminHandlers, Readiness
 from .auth import Authenticator
 from .cache import Fetcher, InvoiceCache
 from .clock import SYSTEM_CLOCK, Clock
 from .config import AdminConfig, CallerConfig, Config, CredentialConfig
 from .credential import CredentialSource, CredentialStore, EnvSource, FileSource, running
-from .handlers import AdminHandlers, InvoiceHandler, observe
+from .handlers import InvoiceHandler
 from .metrics import Metrics
+from .middleware import observe
 from .upstream import Upstream
 
 if TYPE_CHECKING:
@@ -113,7 +115,15 @@ def init_app(
     admins = Authenticator(admin_callers(config.admin))
     api[ADMINS] = admins
     openapi = resources.files("proxy").joinpath("openapi.yaml").read_bytes()
-    admin_handlers = AdminHandlers(metrics, credentials, cache, admins, openapi, shared)
+    admin_handlers = AdminHandlers(
+        metrics,
+        credential_readiness(credentials),
+        lambda: credentials.trouble,
+        cache,
+        admins,
+        openapi,
+        shared,
+    )
     admin = web.Application(middlewares=[observe(None)], client_max_size=1024)
     admin.router.add_get("/metrics", admin_handlers.metrics)
     admin.router.add_get("/healthz", admin_handlers.healthz)
@@ -122,6 +132,11 @@ def init_app(
     admin.router.add_delete(PURGE_PATH, admin_handlers.purge)
     api[ADMIN_APP] = admin
     return api
+
+
+def credential_readiness(credentials: CredentialStore) -> Readiness:
+    """Ready once a credential is loaded: until then no miss can be served."""
+    return lambda: None if credentials.current is not None else credentials.not_ready_reason
 
 
 def admin_callers(config: AdminConfig) -> list[CallerConfig]:

@@ -36,7 +36,7 @@ from aiohttp.web_server import Server
 from . import errors
 from .config import ServerConfig
 from .errors import ProxyError, error_response
-from .handlers import new_request_id
+from .middleware import new_request_id
 
 log = structlog.get_logger("proxy.server")
 
