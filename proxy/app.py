@@ -21,7 +21,7 @@ from .config import AdminConfig, CallerConfig, Config, CredentialConfig
 from .credential import CredentialSource, CredentialStore, EnvSource, FileSource, running
 from .handlers import AdminHandlers, InvoiceHandler, observe
 from .metrics import Metrics
-from .upstream import Upstream
+from .upstream import Fetched, Upstream, open_upstream
 
 if TYPE_CHECKING:
     from .shared import SharedLevel
@@ -67,10 +67,19 @@ def init_app(
     callers = Authenticator(config.callers, metrics)
     metrics.init_callers(callers.names)
     cache = InvoiceCache(config.cache, metrics, clock=clock.time)
-    upstream = Upstream(
-        config.upstream, credentials, metrics, clock=clock.monotonic, sleep=clock.sleep
-    )
-    fetch: Fetcher = upstream.fetch
+
+    async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+        async with open_upstream(
+            config.upstream, credentials, metrics, clock=clock.monotonic, sleep=clock.sleep
+        ) as upstream:
+            app[UPSTREAM] = upstream
+            yield
+
+    async def upstream_fetch(organization: str, invoice_id: str) -> Fetched:
+        # The client exists once upstream_ctx has run: looked up when a miss needs it.
+        return await api[UPSTREAM].fetch(organization, invoice_id)
+
+    fetch: Fetcher = upstream_fetch
     shared: SharedLevel | None = None
     if config.shared is not None:
         from .shared import SharedLevel, SharedMetrics, SharedStore  # loads the Redis client
@@ -82,7 +91,7 @@ def init_app(
         shared = SharedLevel(
             config.shared,
             store,
-            upstream.fetch,
+            upstream_fetch,
             cache.lifetimes,
             shared_metrics,
             upstream_config=config.upstream,
@@ -98,10 +107,9 @@ def init_app(
     api[CREDENTIALS] = credentials
     api[CALLERS] = callers
     api[CACHE] = cache
-    api[UPSTREAM] = upstream
     api.router.add_get(INVOICE_PATH, invoices.get)
     api.cleanup_ctx.append(_credentials_ctx)
-    api.cleanup_ctx.append(upstream.lifetime)
+    api.cleanup_ctx.append(upstream_ctx)
     if shared is not None:
         api.cleanup_ctx.append(store.lifetime)  # closed after the fetches under way
     api.cleanup_ctx.append(_cache_ctx)

@@ -28,6 +28,7 @@ from .credential import CredentialStore
 from .errors import ProxyError, error_response
 from .metrics import Metrics
 from .resilience import FAIR_LANE
+from .upstream import UpstreamFailure
 
 if TYPE_CHECKING:
     from .shared import SharedLevel
@@ -90,6 +91,8 @@ def observe(metrics: Metrics | None) -> Middleware:
         request[REQUEST_ID] = request_id
         try:
             response = await handler(request)
+        except UpstreamFailure as failure:
+            response = error_response(errors.upstream_answer(failure), request_id)
         except ProxyError as exc:
             response = error_response(exc, request_id)
         except web.HTTPException as exc:
