@@ -76,7 +76,8 @@ def init_app(
             yield
 
     async def upstream_fetch(organization: str, invoice_id: str) -> Fetched:
-        # The client exists once upstream_ctx has run: looked up when a miss needs it.
+        # The client exists once upstream_ctx has run (in `api`, built below): looked up
+        # when a miss needs it, so nothing holds a client that may not exist yet.
         return await api[UPSTREAM].fetch(organization, invoice_id)
 
     fetch: Fetcher = upstream_fetch
