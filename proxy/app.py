@@ -23,7 +23,7 @@ from .credential import CredentialSource, CredentialStore, EnvSource, FileSource
 from .handlers import InvoiceHandler
 from .metrics import Metrics
 from .middleware import observe
-from .upstream import Upstream
+from .upstream import Fetched, Upstream, open_upstream
 
 if TYPE_CHECKING:
     from .shared import SharedLevel
@@ -69,10 +69,20 @@ def init_app(
     callers = Authenticator(config.callers, metrics)
     metrics.init_callers(callers.names)
     cache = InvoiceCache(config.cache, metrics, clock=clock.time)
-    upstream = Upstream(
-        config.upstream, credentials, metrics, clock=clock.monotonic, sleep=clock.sleep
-    )
-    fetch: Fetcher = upstream.fetch
+
+    async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+        async with open_upstream(
+            config.upstream, credentials, metrics, clock=clock.monotonic, sleep=clock.sleep
+        ) as upstream:
+            app[UPSTREAM] = upstream
+            yield
+
+    async def upstream_fetch(organization: str, invoice_id: str) -> Fetched:
+        # The client exists once upstream_ctx has run (in `api`, built below): looked up
+        # when a miss needs it, so nothing holds a client that may not exist yet.
+        return await api[UPSTREAM].fetch(organization, invoice_id)
+
+    fetch: Fetcher = upstream_fetch
     shared: SharedLevel | None = None
     if config.shared is not None:
         from .shared import SharedLevel, SharedMetrics, SharedStore  # loads the Redis client
@@ -89,7 +99,7 @@ def init_app(
             config.shared,
             config.upstream,
             store,
-            upstream.fetch,
+            upstream_fetch,
             cache.lifetimes,
             shared_metrics,
             monotonic=clock.monotonic,
@@ -104,10 +114,9 @@ def init_app(
     api[CREDENTIALS] = credentials
     api[CALLERS] = callers
     api[CACHE] = cache
-    api[UPSTREAM] = upstream
     api.router.add_get(INVOICE_PATH, invoices.get)
     api.cleanup_ctx.append(_credentials_ctx)
-    api.cleanup_ctx.append(upstream.lifetime)
+    api.cleanup_ctx.append(upstream_ctx)
     if shared is not None:
         api.cleanup_ctx.append(store.lifetime)  # closed after the fetches under way
     api.cleanup_ctx.append(_cache_ctx)

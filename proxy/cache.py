@@ -19,9 +19,8 @@ from functools import partial
 import cachetools
 
 from .config import CacheConfig
-from .errors import ProxyError
 from .metrics import Metrics
-from .upstream import Fetched
+from .upstream import Fetched, UpstreamFailure
 
 Key = tuple[str, str]
 Fetcher = Callable[[str, str], Awaitable[Fetched]]
@@ -133,7 +132,7 @@ class InvoiceCache:
             self._coalesced.inc()
         try:
             return await asyncio.shield(task), MISS
-        except ProxyError:
+        except UpstreamFailure:
             stale = self._stale_entry(key)
             if stale is None:
                 raise

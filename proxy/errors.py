@@ -1,8 +1,9 @@
-"""The one error type of the service and SPEC's JSON error body.
+"""The one error type of the service, SPEC's JSON error body, and the failure -> answer table.
 
-Handlers and the upstream client raise `ProxyError`; a middleware turns it into
-`{"code": ..., "message": ...}` in exactly one place. Messages are fixed strings
-written here or by the raiser: never a token, a key or an upstream body.
+Handlers raise `ProxyError`; the upstream client raises `UpstreamFailure` (a fact), which
+`upstream_answer` turns into SPEC's status and code. A middleware turns either into
+`{"code": ..., "message": ...}` in exactly one place. Messages are fixed strings written
+here or by the raiser: never a token, a key or an upstream body.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import json
 from collections.abc import Mapping
 
 from aiohttp import web
+
+from .upstream import FailureKind, UpstreamFailure
 
 
 class ProxyError(Exception):
@@ -65,24 +68,31 @@ def upstream_error(message: str = "PlanetScale failed to answer") -> ProxyError:
     return ProxyError(502, "upstream_error", message)
 
 
-def upstream_invalid_response(message: str) -> ProxyError:
-    return ProxyError(502, "upstream_invalid_response", message)
-
-
-def upstream_credential_rejected() -> ProxyError:
-    return ProxyError(
-        502,
-        "upstream_credential_rejected",
-        "PlanetScale refused the proxy's service token, even after reloading it",
-    )
-
-
 def unavailable(message: str, retry_after_s: float = 5.0) -> ProxyError:
     return ProxyError(503, "unavailable", message, {"Retry-After": _seconds(retry_after_s)})
 
 
-def upstream_timeout() -> ProxyError:
-    return ProxyError(504, "upstream_timeout", "PlanetScale did not answer in time")
+# What the caller is answered for each upstream failure (SPEC's error table): status,
+# code, and the Retry-After sent when the failure does not say how long (None: no header).
+UPSTREAM_ANSWERS: Mapping[FailureKind, tuple[int, str, float | None]] = {
+    FailureKind.TIMEOUT: (504, "upstream_timeout", None),
+    FailureKind.ERROR: (502, "upstream_error", None),
+    FailureKind.INVALID_RESPONSE: (502, "upstream_invalid_response", None),
+    FailureKind.CREDENTIAL_REJECTED: (502, "upstream_credential_rejected", None),
+    FailureKind.RATE_LIMITED: (429, "rate_limited", 1.0),
+    FailureKind.NO_CREDENTIAL: (503, "unavailable", 5.0),
+    FailureKind.CIRCUIT_OPEN: (503, "unavailable", 5.0),
+}
+
+
+def upstream_answer(failure: UpstreamFailure) -> ProxyError:
+    """The answer in SPEC's error table for what went wrong upstream."""
+    status, code, wait = UPSTREAM_ANSWERS[failure.kind]
+    headers = {}
+    if wait is not None:
+        retry_after = wait if failure.retry_after is None else failure.retry_after
+        headers["Retry-After"] = _seconds(retry_after)
+    return ProxyError(status, code, failure.message, headers)
 
 
 def _seconds(value: float) -> str:

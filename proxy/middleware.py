@@ -21,6 +21,7 @@ from aiohttp.typedefs import Handler, Middleware
 from . import errors
 from .errors import ProxyError, error_response
 from .metrics import Metrics
+from .upstream import UpstreamFailure
 
 log = structlog.get_logger("proxy.access")
 
@@ -74,6 +75,8 @@ def observe(metrics: Metrics | None) -> Middleware:
         request[REQUEST_ID] = request_id  # bound to the log context by `request_id_logged`
         try:
             response = await handler(request)
+        except UpstreamFailure as failure:
+            response = error_response(errors.upstream_answer(failure), request_id)
         except ProxyError as exc:
             response = error_response(exc, request_id)
         except web.HTTPException as exc:

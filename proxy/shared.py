@@ -44,7 +44,7 @@ from .cache import Fetcher
 from .config import SharedConfig, UpstreamConfig
 from .invoice import InvalidInvoice, check_invoice
 from .resilience import FAIR_LANE, CircuitBreaker, CircuitState, FairQueue, Refused
-from .upstream import Fetched, spend_deadline, wait_bound_s
+from .upstream import FailureKind, Fetched, UpstreamFailure, spend_deadline, wait_bound_s
 
 log = structlog.get_logger("proxy.shared")
 
@@ -757,9 +757,10 @@ class SharedLevel:
             counted = await self._budget_queue.acquire(FAIR_LANE.get(), self._fleet_max_wait_s)
         except Refused as refused:
             self._refused.inc()
-            raise errors.rate_limited(
-                refused.retry_after_s,
+            raise UpstreamFailure(
+                FailureKind.RATE_LIMITED,
                 "the fleet's budget of PlanetScale requests is spent; retry after the given delay",
+                retry_after=refused.retry_after_s,
             ) from None
         counted.inc()
         spend_deadline(self._monotonic() - start)

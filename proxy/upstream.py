@@ -1,32 +1,40 @@
 """The PlanetScale client: the only code that talks to the upstream API.
 
-One shared `ClientSession` (a connection pool, connect and total timeouts). It sends
-only `GET {base_url}/organizations/{organization}/invoices/{id}` with the service
-token attached here and nowhere else, retries what is worth retrying within one
-deadline per caller request, reloads the credential once when PlanetScale refuses
-it, checks every 200 body against the invoice schema, and protects PlanetScale with
-a concurrency cap, a rate cap and a circuit breaker.
+One shared `ClientSession` (a connection pool, connect timeouts), opened for the
+application's lifetime by `open_upstream`. It sends only
+`GET {base_url}/organizations/{organization}/invoices/{id}`. Three layers:
+
+- `Upstream.fetch`: the circuit breaker, then the retry loop (one deadline per caller
+  request, backoff, Retry-After honoured), then one attempt (a rate token in the
+  caller's turn, a concurrency slot, its own timeout, the body limit and schema check);
+- `CredentialMiddleware`, the session's client middleware: attaches the service token at
+  send time (here and nowhere else) and reloads it once when PlanetScale refuses it.
+
+What goes wrong is raised as an `UpstreamFailure`: a fact (a timeout, a refusal, a bad
+body, how long to wait), never an HTTP answer; `errors.py` decides what the caller sees.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 from urllib.parse import quote, unquote
 
 import aiohttp
 import structlog
+from aiohttp import hdrs
 from yarl import URL
 
-from . import __version__, errors
+from . import __version__
 from .config import UpstreamConfig
 from .credential import Credential, CredentialStore
-from .errors import ProxyError
 from .invoice import InvalidInvoice, InvoiceFacts, check_invoice, safe_field_names
 from .metrics import Metrics
 from .resilience import FAIR_LANE, CircuitBreaker, CircuitState, FairQueue, Refused, TokenBucket
@@ -44,6 +52,9 @@ _MAX_RELOADS = 3
 # Longest a send waits for the reload after PlanetScale refused the token it would carry
 # (one read of the credential source; Vault answers in milliseconds when well).
 _SETTLE_MAX_S = 2.0
+# aiohttp rounds a total timeout of this many seconds or more up to a whole second of
+# loop time (ClientTimeout.ceil_threshold); each send's own timer keeps that rounding.
+_CEIL_THRESHOLD_S = 5.0
 
 # Seconds of this fetch's deadline already spent by the layer above (the fleet budget's
 # wait), taken (and reset) when the fetch starts here: one deadline for all waits.
@@ -80,202 +91,195 @@ class Fetched:
     lifetimes: tuple[float, float] | None = None
 
 
-class _Retry(Exception):
-    """One attempt failed in a way worth retrying; `error` is what the caller gets if not."""
+class FailureKind(Enum):
+    """What went wrong on the way to PlanetScale; `errors.py` maps each to SPEC's answer."""
 
-    def __init__(self, error: ProxyError, retry_after_s: float | None = None) -> None:
-        self.error = error
-        self.retry_after_s = retry_after_s
+    TIMEOUT = "timeout"  # no answer within the time there was
+    ERROR = "error"  # a 5xx, a reset, a status the contract does not have
+    INVALID_RESPONSE = "invalid_response"  # a body over the limit or against the schema
+    CREDENTIAL_REJECTED = "credential_rejected"  # 401/403, even after reloading the token
+    RATE_LIMITED = "rate_limited"  # PlanetScale's 429, or the caps that protect it
+    NO_CREDENTIAL = "no_credential"  # no token loaded yet
+    CIRCUIT_OPEN = "circuit_open"  # the breaker stopped calling PlanetScale for a moment
 
 
-class Upstream:
-    """Fetches one invoice from PlanetScale, with the proxy's credential."""
+class UpstreamFailure(Exception):
+    """A fetch failed: what happened, never what the caller is answered.
+
+    `retry_after`: seconds until trying again makes sense, when known. `counts`: it
+    tells against PlanetScale's health (the circuit breaker). `retry`: another attempt
+    within the deadline may succeed. The message is fixed text of this module: never a
+    token, a header or a body.
+    """
 
     def __init__(
         self,
-        config: UpstreamConfig,
+        kind: FailureKind,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        counts: bool = False,
+        retry: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.retry_after = retry_after
+        self.counts = counts
+        self.retry = retry
+
+    def final(self) -> UpstreamFailure:
+        """The same failure, for a fetch that gives up on it (no further attempt)."""
+        return UpstreamFailure(
+            self.kind, self.message, retry_after=self.retry_after, counts=self.counts
+        )
+
+
+def _timeout(*, counts: bool, retry: bool = False) -> UpstreamFailure:
+    return UpstreamFailure(
+        FailureKind.TIMEOUT, "PlanetScale did not answer in time", counts=counts, retry=retry
+    )
+
+
+def _no_credential() -> UpstreamFailure:
+    return UpstreamFailure(
+        FailureKind.NO_CREDENTIAL,
+        "the proxy has no PlanetScale credential loaded yet; try again shortly",
+    )
+
+
+def _invalid(message: str) -> UpstreamFailure:
+    return UpstreamFailure(FailureKind.INVALID_RESPONSE, message)
+
+
+@dataclass(slots=True)
+class _Fetch:
+    """One caller request's worth of upstream work, as every layer below the loop sees it."""
+
+    deadline: float  # monotonic
+    refused: list[Credential] = field(default_factory=list)  # refused so far, in order
+    failed: UpstreamFailure | None = None  # what made the current attempt a retry
+
+
+class _Attempt:
+    """One attempt of a fetch: what the credential middleware shares with the client.
+
+    Each send (the first, and the one after a refusal) starts its own timeout and its
+    own line in the metrics, after every wait; a send after a refusal takes a rate token
+    ahead of its lane's other waiters.
+    """
+
+    __slots__ = ("_timer", "_upstream", "code", "fetch", "started")
+
+    def __init__(self, upstream: Upstream, fetch: _Fetch, timer: asyncio.Timeout) -> None:
+        self._upstream = upstream
+        self._timer = timer
+        self.fetch = fetch
+        self.code = "error"  # the metrics label of the send under way
+        self.started: float | None = None  # perf_counter of the send under way
+
+    def begin(self) -> None:
+        """A send starts now: its timeout is what is left of one attempt's, in the deadline."""
+        upstream = self._upstream
+        room = min(upstream._config.timeout_s, max(0.001, self.fetch.deadline - upstream._clock()))
+        when = asyncio.get_running_loop().time() + room
+        self._timer.reschedule(math.ceil(when) if room >= _CEIL_THRESHOLD_S else when)
+        self.code = "error"
+        self.started = time.perf_counter()
+
+    def end(self) -> None:
+        """The send under way ended (answered, refused or failed): counted once."""
+        if self.started is None:
+            return
+        metrics = self._upstream._metrics
+        metrics.upstream_duration.observe(time.perf_counter() - self.started)
+        metrics.upstream_requests.labels(code=self.code).inc()
+        self.started = None
+
+    def refused(self, status: int) -> None:
+        """PlanetScale refused the send under way; the timer stops until the next send."""
+        self.code = str(status)
+        self.end()
+        self._timer.reschedule(None)
+
+    async def again(self) -> None:
+        """The send after a refusal: within the deadline, next in its lane."""
+        upstream = self._upstream
+        if self.fetch.deadline - upstream._clock() <= 0:
+            raise _timeout(counts=True)
+        await upstream._take_rate_token(self.fetch, first=True)
+
+
+# The attempt under way in this task, for the session's middleware (same task).
+_ATTEMPT: ContextVar[_Attempt] = ContextVar("upstream_attempt")
+
+
+class CredentialMiddleware:
+    """The session's client middleware: the service token, and one reload when refused.
+
+    aiohttp's `examples/token_refresh_middleware.py` pattern. The token is read at the
+    last moment, after every other wait. On 401/403 the credential is reloaded (the
+    store's lock makes a burst of refusals one fetch) and the request sent once more;
+    while that reload is under way, sends that would carry the refused token wait for it
+    (briefly, within the deadline). A newer token refused (a rotation overtook the
+    resend) is reloaded too, up to `_MAX_RELOADS`; the same token refused after its
+    reload is final.
+    """
+
+    def __init__(
+        self,
         credentials: CredentialStore,
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        self._config = config
         self._credentials = credentials
         self._metrics = metrics
         self._clock = clock
-        self._sleep = sleep
-        self._base = config.base_url.rstrip("/")
-        self._session: aiohttp.ClientSession | None = None
-        self._slots = asyncio.Semaphore(config.max_concurrency)
-        self._bucket = TokenBucket(config.rate_per_s, config.burst, clock)
-        self._rate: FairQueue[bool] = FairQueue(
-            self._book_rate_token,
-            self._bucket.debt,
-            take_now=self._take_free_token,
-            clock=clock,
-            sleep=sleep,
-            name="upstream-rate",
-        )
-        self._room = attempt_room_s(config)
         # The credential PlanetScale just refused, while its reload is under way: sends
         # that would carry it wait for the reload (`_settled`) instead.
         self._refused: Credential | None = None
         self._reloaded = asyncio.Event()
         self._reloaded.set()
-        self.circuit = CircuitBreaker(
-            config.circuit_failures,
-            config.circuit_open_s,
-            clock,
-            on_change=self._circuit_changed,
-        )
-        self._drift_logged: set[tuple[str, ...]] = set()
-        self._user_agent = f"invoice-proxy/{__version__}"
 
-    async def lifetime(self, _app: object = None) -> AsyncIterator[None]:
-        """aiohttp cleanup_ctx: the session lives as long as the application."""
-        connector = aiohttp.TCPConnector(limit=self._config.max_connections, ttl_dns_cache=300)
-        timeout = aiohttp.ClientTimeout(
-            total=self._config.timeout_s, connect=self._config.connect_timeout_s
-        )
-        async with aiohttp.ClientSession(
-            connector=connector,
-            timeout=timeout,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=True,
-            trust_env=False,
-        ) as session:
-            # aiohttp resends an idempotent request once by itself when the connection
-            # drops (RFC 9112 9.3.1). Our retries are the only ones: counted, rate-capped
-            # and within the deadline; theirs would double what PlanetScale sees on a
-            # reset. There is no public switch; aiohttp's own TestClient does the same.
-            session._retry_connection = False
-            self._session = session
-            try:
-                yield
-            finally:
-                self._session = None
-
-    def url(self, organization: str, invoice_id: str) -> URL:
-        """The one upstream URL; both parts were validated, and are quoted all the same."""
-        path = (
-            f"/organizations/{quote(organization, safe='')}/invoices/{quote(invoice_id, safe='')}"
-        )
-        return URL(self._base + path, encoded=True)
-
-    async def fetch(self, organization: str, invoice_id: str) -> Fetched:
-        """One caller request's worth of upstream work: attempts, backoff, one deadline."""
-        if not self.circuit.allow():
-            raise errors.unavailable(
-                "PlanetScale is failing; the proxy stopped calling it for a moment",
-                self.circuit.retry_after(),
-            )
-        outcome_known = False
-        try:
-            result = await self._fetch_with_retries(organization, invoice_id)
-        except _CircuitFailure as failure:
-            self.circuit.record_failure()
-            outcome_known = True
-            raise failure.error from None
-        else:
-            self.circuit.record_success()
-            outcome_known = True
-            return result
-        finally:
-            if not outcome_known:
-                self.circuit.release()
-
-    async def _fetch_with_retries(self, organization: str, invoice_id: str) -> Fetched:
-        config = self._config
-        spent = _SPENT.get()
-        if spent:
-            _SPENT.set(0.0)
-        deadline = self._clock() + config.deadline_s - spent
-        url = self.url(organization, invoice_id)
-        refused: list[Credential] = []  # the credentials PlanetScale refused, in order
-        attempt = 0
-        failed: ProxyError | None = None  # what made the next attempt a retry
-        again = False  # the next attempt redoes one PlanetScale refused: next in its lane
+    async def __call__(
+        self, request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+    ) -> aiohttp.ClientResponse:
+        attempt = _ATTEMPT.get()
         while True:
-            if self._credentials.current is None:
-                raise errors.unavailable(
-                    "the proxy has no PlanetScale credential loaded yet; try again shortly"
-                )
-            if deadline - self._clock() <= 0:
-                raise _CircuitFailure(errors.upstream_timeout())
-            await self._take_rate_token(deadline, failed, first=again)
-            again = False
-            try:
-                return await self._attempt(url, deadline)
-            except _Rejected as rejected:
-                credential = rejected.credential
-                self._metrics.upstream_credential_rejections.inc()
-                version = credential.version if credential is not None else None
-                # Final when the reload did not help (the same credential refused again),
-                # not when a rotation overtook the retry (a newer one refused): that one
-                # is reloaded and tried once more too.
-                if credential is None or credential in refused or len(refused) >= _MAX_RELOADS:
-                    self._settle(credential)
-                    log.error("upstream_credential_rejected", version=version)
-                    raise errors.upstream_credential_rejected() from None
-                refused.append(credential)
-                again = True
-                log.warning("upstream_refused_credential", version=version)
-                try:
-                    await self._credentials.reload_after_rejection(credential)
-                finally:
-                    self._settle(credential)
-                # A retry that cannot get its turn now is a plain 429 (the new token was
-                # never tried); `failed` stays what an earlier 5xx made it.
-            except _Retry as retry:
-                attempt += 1
-                if attempt > config.retries:
-                    raise _failure(retry.error) from None
-                delay = random.uniform(
-                    0, min(config.backoff_max_s, config.backoff_base_s * 2**attempt)
-                )
-                if retry.retry_after_s is not None:
-                    # Honoured, never shortened: a pause longer than backoff_max_s is
-                    # the caller's to take, with PlanetScale's Retry-After passed on.
-                    if retry.retry_after_s > config.backoff_max_s:
-                        raise _failure(retry.error) from None
-                    delay = max(delay, retry.retry_after_s)
-                if self._clock() + delay >= deadline:
-                    raise _failure(retry.error) from None
-                log.info("upstream_retry", attempt=attempt, delay_ms=round(delay * 1000))
-                await self._sleep(delay)
-                failed = retry.error
+            credential = await self._settled(attempt.fetch.deadline)
+            request.headers[hdrs.AUTHORIZATION] = credential.header
+            attempt.begin()
+            response = await handler(request)
+            if response.status not in _REJECTED:
+                return response
+            # At the moment the status line arrives, before any other task can send.
+            self._refusal_seen(credential)
+            response.release()
+            await response.wait_for_close()
+            attempt.refused(response.status)
+            await self._reload(attempt.fetch, credential)
+            await attempt.again()
 
-    async def _take_rate_token(
-        self, deadline: float, retrying: ProxyError | None, *, first: bool = False
-    ) -> None:
-        """A token of the local rate cap, in this fetch's lane's turn.
-
-        It waits while the wait leaves the attempt its room in the deadline (and within
-        `max_queue_wait_s`). A first attempt refused gets 429; a retry refused ends with
-        the error that made it a retry.
-        """
-        bound = min(self._config.max_queue_wait_s, deadline - self._clock() - self._room)
+    async def _reload(self, fetch: _Fetch, credential: Credential) -> None:
+        """After PlanetScale refused `credential`: the newest one, or the final failure."""
+        self._metrics.upstream_credential_rejections.inc()
+        # Final when the reload did not help (the same credential refused again), not
+        # when a rotation overtook the resend (a newer one refused): that one is
+        # reloaded and tried once more too.
+        if credential in fetch.refused or len(fetch.refused) >= _MAX_RELOADS:
+            self._settle(credential)
+            log.error("upstream_credential_rejected", version=credential.version)
+            raise UpstreamFailure(
+                FailureKind.CREDENTIAL_REJECTED,
+                "PlanetScale refused the proxy's service token, even after reloading it",
+            )
+        fetch.refused.append(credential)
+        log.warning("upstream_refused_credential", version=credential.version)
         try:
-            await self._rate.acquire(FAIR_LANE.get(), max(0.0, bound), first=first)
-        except Refused as refused:
-            if retrying is not None:
-                raise _failure(retrying) from None
-            self._metrics.upstream_throttled.inc()
-            raise errors.rate_limited(
-                refused.retry_after_s,
-                "too many requests to PlanetScale right now; retry after the given delay",
-            ) from None
-
-    def _take_free_token(self) -> bool | None:
-        # FairQueue's `take_now`: None is "no token free now".
-        return True if self._bucket.try_take() == 0.0 else None
-
-    async def _book_rate_token(self, max_wait_s: float) -> tuple[float, bool]:
-        wait = self._bucket.reserve(max_wait_s)
-        if wait is None:
-            raise Refused(self._bucket.debt(1))
-        return wait, True
+            await self._credentials.reload_after_rejection(credential)
+        finally:
+            self._settle(credential)
 
     async def _settled(self, deadline: float) -> Credential:
         """The credential to send now: read at the last moment, after every other wait.
@@ -293,59 +297,214 @@ class Upstream:
                         await self._reloaded.wait()
             credential = self._credentials.current
         if credential is None:
-            raise errors.unavailable(
-                "the proxy has no PlanetScale credential loaded yet; try again shortly"
-            )
+            raise _no_credential()
         return credential
 
     def _refusal_seen(self, credential: Credential) -> None:
-        # At the moment the status line arrives, before any other task can send.
         if self._refused != credential:
             self._refused = credential
             self._reloaded.clear()
 
-    def _settle(self, credential: Credential | None) -> None:
+    def _settle(self, credential: Credential) -> None:
         if self._refused is not None and self._refused == credential:
             self._refused = None
             self._reloaded.set()
 
-    async def _attempt(self, url: URL, deadline: float) -> Fetched:
-        assert self._session is not None, "Upstream used outside its lifetime"
-        code = "error"
-        async with self._slot(deadline):
-            credential = await self._settled(deadline)
-            headers = {
-                "Authorization": credential.header,
-                "Accept": "application/json",
-                "User-Agent": self._user_agent,
-            }
-            # Computed once a slot is ours: the wait for it spent some of the deadline.
-            timeout = aiohttp.ClientTimeout(
-                total=min(self._config.timeout_s, max(0.001, deadline - self._clock())),
-                connect=self._config.connect_timeout_s,
+
+@contextlib.asynccontextmanager
+async def open_upstream(
+    config: UpstreamConfig,
+    credentials: CredentialStore,
+    metrics: Metrics,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> AsyncIterator[Upstream]:
+    """The client and its session, for as long as the block (a cleanup context) lasts."""
+    middleware = CredentialMiddleware(credentials, metrics, clock=clock)
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=config.max_connections, ttl_dns_cache=300),
+        timeout=aiohttp.ClientTimeout(total=config.timeout_s, connect=config.connect_timeout_s),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=True,
+        trust_env=False,
+        middlewares=(middleware,),
+    ) as session:
+        # aiohttp resends an idempotent request once by itself when the connection
+        # drops (RFC 9112 9.3.1). Our retries are the only ones: counted, rate-capped
+        # and within the deadline; theirs would double what PlanetScale sees on a
+        # reset. There is no public switch; aiohttp's own TestClient does the same.
+        session._retry_connection = False
+        yield Upstream(config, session, credentials, metrics, clock=clock, sleep=sleep)
+
+
+class Upstream:
+    """Fetches one invoice from PlanetScale, over a session with `CredentialMiddleware`."""
+
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        session: aiohttp.ClientSession,
+        credentials: CredentialStore,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._config = config
+        self._metrics = metrics
+        self._clock = clock
+        self._session = session
+        self._credentials = credentials
+        self._sleep = sleep
+        self._base = config.base_url.rstrip("/")
+        self._headers = {"Accept": "application/json", "User-Agent": f"invoice-proxy/{__version__}"}
+        # The total is each send's own timer (`_Attempt.begin`), armed after its waits.
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout_s)
+        self._slots = asyncio.Semaphore(config.max_concurrency)
+        self._bucket = TokenBucket(config.rate_per_s, config.burst, clock)
+        self._rate: FairQueue[bool] = FairQueue(
+            self._book_rate_token,
+            self._bucket.debt,
+            take_now=self._take_free_token,
+            clock=clock,
+            sleep=sleep,
+            name="upstream-rate",
+        )
+        self._room = attempt_room_s(config)
+        self.circuit = CircuitBreaker(
+            config.circuit_failures,
+            config.circuit_open_s,
+            clock,
+            on_change=self._circuit_changed,
+        )
+        self._drift_logged: set[tuple[str, ...]] = set()
+
+    def url(self, organization: str, invoice_id: str) -> URL:
+        """The one upstream URL; both parts were validated, and are quoted all the same."""
+        path = (
+            f"/organizations/{quote(organization, safe='')}/invoices/{quote(invoice_id, safe='')}"
+        )
+        return URL(self._base + path, encoded=True)
+
+    async def fetch(self, organization: str, invoice_id: str) -> Fetched:
+        """One caller request's worth of upstream work, behind the circuit breaker."""
+        if not self.circuit.allow():
+            raise UpstreamFailure(
+                FailureKind.CIRCUIT_OPEN,
+                "PlanetScale is failing; the proxy stopped calling it for a moment",
+                retry_after=self.circuit.retry_after(),
             )
-            start = time.perf_counter()
+        try:
+            result = await self._fetch_with_retries(organization, invoice_id)
+        except UpstreamFailure as failure:
+            if failure.counts:
+                self.circuit.record_failure()
+            else:
+                self.circuit.release()
+            raise
+        except BaseException:
+            self.circuit.release()
+            raise
+        self.circuit.record_success()
+        return result
+
+    async def _fetch_with_retries(self, organization: str, invoice_id: str) -> Fetched:
+        """Attempts within one deadline, with backoff; PlanetScale's Retry-After honoured."""
+        config = self._config
+        spent = _SPENT.get()
+        if spent:
+            _SPENT.set(0.0)
+        fetch = _Fetch(self._clock() + config.deadline_s - spent)
+        url = self.url(organization, invoice_id)
+        attempt = 0
+        while True:
+            if self._credentials.current is None:
+                raise _no_credential()
+            if fetch.deadline - self._clock() <= 0:
+                raise _timeout(counts=True)
+            await self._take_rate_token(fetch)
             try:
-                async with self._session.get(
-                    url, headers=headers, timeout=timeout, allow_redirects=False
-                ) as response:
-                    code = str(response.status)
-                    if response.status in _REJECTED:
-                        self._refusal_seen(credential)
+                return await self._attempt(url, fetch)
+            except UpstreamFailure as failure:
+                if not failure.retry:
+                    raise
+                attempt += 1
+                if attempt > config.retries:
+                    raise
+                delay = random.uniform(
+                    0, min(config.backoff_max_s, config.backoff_base_s * 2**attempt)
+                )
+                if failure.retry_after is not None:
+                    # Honoured, never shortened: a pause longer than backoff_max_s is
+                    # the caller's to take, with PlanetScale's Retry-After passed on.
+                    if failure.retry_after > config.backoff_max_s:
+                        raise
+                    delay = max(delay, failure.retry_after)
+                if self._clock() + delay >= fetch.deadline:
+                    raise
+                log.info("upstream_retry", attempt=attempt, delay_ms=round(delay * 1000))
+                await self._sleep(delay)
+                fetch.failed = failure
+
+    async def _take_rate_token(self, fetch: _Fetch, *, first: bool = False) -> None:
+        """A token of the local rate cap, in this fetch's lane's turn.
+
+        It waits while the wait leaves the attempt its room in the deadline (and within
+        `max_queue_wait_s`). A first attempt refused is rate limited; a retry refused
+        ends with the failure that made it a retry.
+        """
+        bound = min(self._config.max_queue_wait_s, fetch.deadline - self._clock() - self._room)
+        try:
+            await self._rate.acquire(FAIR_LANE.get(), max(0.0, bound), first=first)
+        except Refused as refused:
+            if fetch.failed is not None:
+                raise fetch.failed.final() from None
+            self._metrics.upstream_throttled.inc()
+            raise UpstreamFailure(
+                FailureKind.RATE_LIMITED,
+                "too many requests to PlanetScale right now; retry after the given delay",
+                retry_after=refused.retry_after_s,
+            ) from None
+
+    def _take_free_token(self) -> bool | None:
+        # FairQueue's `take_now`: None is "no token free now".
+        return True if self._bucket.try_take() == 0.0 else None
+
+    async def _book_rate_token(self, max_wait_s: float) -> tuple[float, bool]:
+        wait = self._bucket.reserve(max_wait_s)
+        if wait is None:
+            raise Refused(self._bucket.debt(1))
+        return wait, True
+
+    async def _attempt(self, url: URL, fetch: _Fetch) -> Fetched:
+        """One request (and its resend after a refusal, by the middleware) in one slot."""
+        async with self._slot(fetch.deadline):
+            timer = asyncio.timeout(None)  # armed by each send (`_Attempt.begin`)
+            attempt = _Attempt(self, fetch, timer)
+            current = _ATTEMPT.set(attempt)
+            try:
+                async with (
+                    timer,
+                    self._session.get(
+                        url, headers=self._headers, timeout=self._timeout, allow_redirects=False
+                    ) as response,
+                ):
+                    attempt.code = str(response.status)
                     return await self._answer(response)
-            except _Rejected:
-                raise _Rejected(credential) from None
             except TimeoutError:
-                code = "timeout"
-                raise _Retry(errors.upstream_timeout()) from None
+                attempt.code = "timeout"
+                raise _timeout(counts=True, retry=True) from None
             except aiohttp.ClientError as exc:
                 # The class name says enough (reset, refused); the message may hold the URL.
-                log.warning("upstream_failed", error=type(exc).__name__, status_code=code)
-                code = "error"
-                raise _Retry(errors.upstream_error()) from None
+                log.warning("upstream_failed", error=type(exc).__name__, status_code=attempt.code)
+                attempt.code = "error"
+                raise UpstreamFailure(
+                    FailureKind.ERROR, "PlanetScale failed to answer", counts=True, retry=True
+                ) from None
             finally:
-                self._metrics.upstream_duration.observe(time.perf_counter() - start)
-                self._metrics.upstream_requests.labels(code=code).inc()
+                attempt.end()
+                _ATTEMPT.reset(current)
 
     @contextlib.asynccontextmanager
     async def _slot(self, deadline: float) -> AsyncIterator[None]:
@@ -357,10 +516,14 @@ class Upstream:
                 await self._slots.acquire()
         except TimeoutError:
             if wait < cap:
-                raise errors.upstream_timeout() from None
+                # The deadline ran out while waiting for our own cap: PlanetScale was
+                # never asked, so this does not count against its health.
+                raise _timeout(counts=False) from None
             self._metrics.upstream_throttled.inc()
-            raise errors.rate_limited(
-                1.0, "too many requests to PlanetScale in flight; retry after the given delay"
+            raise UpstreamFailure(
+                FailureKind.RATE_LIMITED,
+                "too many requests to PlanetScale in flight; retry after the given delay",
+                retry_after=1.0,
             ) from None
         try:
             yield
@@ -374,35 +537,33 @@ class Upstream:
             return Fetched(200, body, self._check(response, body, _requested_id(response)))
         if status == 404:
             return Fetched(404, b"", None)
-        if status in _REJECTED:
-            raise _Rejected()
+        if status == 429:
+            # PlanetScale protecting itself, not failing: it does not open the circuit.
+            raise UpstreamFailure(
+                FailureKind.RATE_LIMITED,
+                "PlanetScale's rate limit holds; retry later",
+                retry_after=_retry_after(response.headers.get("Retry-After")),
+                retry=True,
+            )
         if status in _RETRY_STATUSES:
-            if status == 429:
-                retry_after = _retry_after(response.headers.get("Retry-After"))
-                raise _Retry(
-                    errors.rate_limited(
-                        retry_after or 1.0, "PlanetScale's rate limit holds; retry later"
-                    ),
-                    retry_after,
-                )
-            raise _Retry(errors.upstream_error(f"PlanetScale answered {status}"))
+            raise UpstreamFailure(
+                FailureKind.ERROR, f"PlanetScale answered {status}", counts=True, retry=True
+            )
         log.warning("upstream_unexpected_status", status_code=status)
-        raise errors.upstream_error(f"PlanetScale answered {status}")
+        raise UpstreamFailure(FailureKind.ERROR, f"PlanetScale answered {status}")
 
     async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:
         limit = self._config.max_body_bytes
         if response.content_length is not None and response.content_length > limit:
             self._metrics.upstream_invalid.inc()
-            raise errors.upstream_invalid_response(f"PlanetScale's answer is over {limit} bytes")
+            raise _invalid(f"PlanetScale's answer is over {limit} bytes")
         chunks = []
         size = 0
         async for chunk in response.content.iter_chunked(16384):
             size += len(chunk)
             if size > limit:
                 self._metrics.upstream_invalid.inc()
-                raise errors.upstream_invalid_response(
-                    f"PlanetScale's answer is over {limit} bytes"
-                )
+                raise _invalid(f"PlanetScale's answer is over {limit} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -411,15 +572,13 @@ class Upstream:
     ) -> InvoiceFacts:
         if response.content_type != "application/json":
             self._metrics.upstream_invalid.inc()
-            raise errors.upstream_invalid_response("PlanetScale's answer is not application/json")
+            raise _invalid("PlanetScale's answer is not application/json")
         try:
             facts = check_invoice(body, strict=self._config.strict_schema, invoice_id=invoice_id)
         except InvalidInvoice as exc:
             self._metrics.upstream_invalid.inc()
             log.warning("upstream_invalid_response", reason=str(exc))
-            raise errors.upstream_invalid_response(
-                f"PlanetScale's answer breaks the invoice schema: {exc}"
-            ) from None
+            raise _invalid(f"PlanetScale's answer breaks the invoice schema: {exc}") from None
         if facts.extra_fields:
             self._metrics.upstream_schema_drift.labels(kind="extra_field").inc()
             if (
@@ -435,25 +594,6 @@ class Upstream:
     def _circuit_changed(self, state: CircuitState) -> None:
         self._metrics.upstream_circuit_state.set(int(state))
         log.warning("upstream_circuit_changed", state=state.name.lower())
-
-
-class _Rejected(Exception):
-    """PlanetScale answered 401 or 403 to the proxy's token (`credential`, once known)."""
-
-    def __init__(self, credential: Credential | None = None) -> None:
-        self.credential = credential
-
-
-class _CircuitFailure(Exception):
-    """The request failed in a way that counts against PlanetScale's health."""
-
-    def __init__(self, error: ProxyError) -> None:
-        self.error = error
-
-
-def _failure(error: ProxyError) -> Exception:
-    # A 429 is PlanetScale protecting itself, not failing: it does not open the circuit.
-    return error if error.status == 429 else _CircuitFailure(error)
 
 
 def _requested_id(response: aiohttp.ClientResponse) -> str:
