@@ -15,16 +15,16 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from .auth import Authenticator
-from .cache import Fetcher, InvoiceCache
+from .cache import InvoiceCache
 from .clock import SYSTEM_CLOCK, Clock
 from .config import AdminConfig, CallerConfig, Config, CredentialConfig
 from .credential import CredentialSource, CredentialStore, EnvSource, FileSource, running
 from .handlers import AdminHandlers, InvoiceHandler, observe
-from .metrics import Metrics
+from .metrics import Metrics, SharedMetrics
 from .upstream import Upstream
 
 if TYPE_CHECKING:
-    from .shared import SharedLevel
+    from .shared import SharedLevel, SharedStore
 
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
@@ -66,31 +66,34 @@ def init_app(
     )
     callers = Authenticator(config.callers, metrics)
     metrics.init_callers(callers.names)
-    cache = InvoiceCache(config.cache, metrics, clock=clock.time)
     upstream = Upstream(
         config.upstream, credentials, metrics, clock=clock.monotonic, sleep=clock.sleep
     )
-    fetch: Fetcher = upstream.fetch
     shared: SharedLevel | None = None
+    store: SharedStore | None = None
     if config.shared is not None:
-        from .shared import SharedLevel, SharedMetrics, SharedStore  # loads the Redis client
+        from .redis_connection import make_client  # loads the Redis client: only when configured
+        from .shared import SharedLevel, SharedStore
 
         shared_metrics = SharedMetrics(metrics.registry)
+        # The client connects nothing yet: the store's cleanup context connects and closes it.
         store = SharedStore(
-            config.shared, shared_metrics, clock=clock.time, monotonic=clock.monotonic
+            make_client(config.shared),
+            config.shared,
+            shared_metrics,
+            clock=clock.time,
+            monotonic=clock.monotonic,
         )
         shared = SharedLevel(
             config.shared,
             store,
-            upstream.fetch,
-            cache.lifetimes,
             shared_metrics,
             upstream_config=config.upstream,
             monotonic=clock.monotonic,
             sleep=clock.sleep,
         )
-        fetch = shared.fetch
-    invoices = InvoiceHandler(callers, cache, fetch, clock.time)
+    cache = InvoiceCache(config.cache, metrics, clock=clock.time, fleet=shared)
+    invoices = InvoiceHandler(callers, cache, upstream.fetch, clock.time)
 
     api = web.Application(middlewares=[observe(metrics)], client_max_size=1024)
     api[CONFIG] = config
@@ -102,7 +105,7 @@ def init_app(
     api.router.add_get(INVOICE_PATH, invoices.get)
     api.cleanup_ctx.append(_credentials_ctx)
     api.cleanup_ctx.append(upstream.lifetime)
-    if shared is not None:
+    if store is not None:
         api.cleanup_ctx.append(store.lifetime)  # closed after the fetches under way
     api.cleanup_ctx.append(_cache_ctx)
 

@@ -29,12 +29,13 @@ from structlog.testing import capture_logs
 
 from proxy.app import METRICS
 from proxy.config import ConfigError, UpstreamConfig, _Section, parse_config
+from proxy.metrics import SharedMetrics
+from proxy.redis_connection import make_client
 from proxy.shared import (
     FORMAT_VERSION,
     Budget,
     Shared,
     SharedConfig,
-    SharedMetrics,
     SharedStore,
     Unavailable,
     parse_shared,
@@ -91,7 +92,7 @@ def opened(store: SharedStore) -> AbstractAsyncContextManager[None]:
 
 def new_store(config: SharedConfig) -> tuple[SharedStore, CollectorRegistry]:
     registry = CollectorRegistry()
-    return SharedStore(config, SharedMetrics(registry)), registry
+    return SharedStore(make_client(config), config, SharedMetrics(registry)), registry
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
