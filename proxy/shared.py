@@ -601,14 +601,11 @@ class Turn:
         if not self._shares:
             return
         answer = Shared(fetched.status, fetched.body, fresh_until, stale_until)
-        store, organization, invoice_id, token = (
-            self._store,
-            self._organization,
-            self._invoice_id,
-            self.token,
-        )
+        store = self._store
         with contextlib.suppress(Unavailable):  # counted and logged by the store
-            await _twice(store, lambda: store.put(organization, invoice_id, answer, token))
+            await _twice(
+                store, lambda: store.put(self._organization, self._invoice_id, answer, self.token)
+            )
 
 
 class SharedLevel:
