@@ -16,17 +16,17 @@ from aiohttp import web
 
 from .admin import AdminHandlers, Readiness
 from .auth import Authenticator
-from .cache import Fetcher, InvoiceCache
+from .cache import InvoiceCache
 from .clock import SYSTEM_CLOCK, Clock
 from .config import AdminConfig, CallerConfig, Config, CredentialConfig
 from .credential import CredentialSource, CredentialStore, EnvSource, FileSource, running
 from .handlers import InvoiceHandler
-from .metrics import Metrics
+from .metrics import Metrics, SharedMetrics
 from .middleware import observe
 from .upstream import Fetched, Upstream, open_upstream
 
 if TYPE_CHECKING:
-    from .shared import SharedLevel
+    from .shared import SharedLevel, SharedStore
 
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
@@ -68,7 +68,6 @@ def init_app(
     )
     callers = Authenticator(config.callers, metrics)
     metrics.init_callers(callers.names)
-    cache = InvoiceCache(config.cache, metrics, clock=clock.time)
 
     async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         async with open_upstream(
@@ -82,13 +81,16 @@ def init_app(
         # when a miss needs it, so nothing holds a client that may not exist yet.
         return await api[UPSTREAM].fetch(organization, invoice_id)
 
-    fetch: Fetcher = upstream_fetch
     shared: SharedLevel | None = None
+    store: SharedStore | None = None
     if config.shared is not None:
-        from .shared import SharedLevel, SharedMetrics, SharedStore  # loads the Redis client
+        from .redis_connection import make_client  # loads the Redis client: only when configured
+        from .shared import SharedLevel, SharedStore
 
         shared_metrics = SharedMetrics(metrics.registry)
+        # The client connects nothing yet: the store's cleanup context connects and closes it.
         store = SharedStore(
+            make_client(config.shared),
             config.shared,
             config.upstream,
             shared_metrics,
@@ -99,14 +101,12 @@ def init_app(
             config.shared,
             config.upstream,
             store,
-            upstream_fetch,
-            cache.lifetimes,
             shared_metrics,
             monotonic=clock.monotonic,
             sleep=clock.sleep,
         )
-        fetch = shared.fetch
-    invoices = InvoiceHandler(callers, cache, fetch, clock.time)
+    cache = InvoiceCache(config.cache, metrics, clock=clock.time, fleet=shared)
+    invoices = InvoiceHandler(callers, cache, upstream_fetch, clock.time)
 
     api = web.Application(middlewares=[observe(metrics)], client_max_size=1024)
     api[CONFIG] = config
@@ -117,7 +117,7 @@ def init_app(
     api.router.add_get(INVOICE_PATH, invoices.get)
     api.cleanup_ctx.append(_credentials_ctx)
     api.cleanup_ctx.append(upstream_ctx)
-    if shared is not None:
+    if store is not None:
         api.cleanup_ctx.append(store.lifetime)  # closed after the fetches under way
     api.cleanup_ctx.append(_cache_ctx)
 

@@ -4,6 +4,10 @@ An issued invoice never changes, so a final one stays until evicted or purged; o
 whose billing period is still open (or not yet paid) lives `open_period_ttl_s`. A
 404 is remembered briefly. Concurrent misses for one invoice share one fetch. The
 cache knows nothing of HTTP: it stores bodies and answers with `Entry` objects.
+
+With `[shared]`, a local miss goes to the fleet level below (`Fleet`, given by
+`init_app`) before PlanetScale: the fleet's answer, or this replica's fetch, whose
+lifetimes are decided here once and shared with the fleet.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ import hashlib
 import math
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from functools import partial
+from typing import Protocol
 
 import cachetools
 
@@ -33,6 +39,31 @@ ENTRY_OVERHEAD = 640
 FINAL_CACHE_CONTROL = "private, max-age=31536000, immutable"
 
 HIT, MISS, STALE = "hit", "miss", "stale"
+
+
+class FleetTurn(Protocol):
+    """One local miss's dealings with the fleet level (`proxy.shared.Turn`)."""
+
+    @property
+    def found(self) -> tuple[Fetched, float, float] | None:
+        """The fleet's answer, its fresh_until and stale_until; None: this replica fetches."""
+        ...
+
+    async def fetch(self, upstream: Callable[[], Awaitable[Fetched]]) -> Fetched:
+        """Call `upstream` within the fleet's budget."""
+        ...
+
+    async def share(self, fetched: Fetched, fresh_until: float, stale_until: float) -> None:
+        """Give the answer to the fleet, kept as long as this cache keeps it."""
+        ...
+
+
+class Fleet(Protocol):
+    """The shared level below the cache (`proxy.shared.SharedLevel`), as the cache uses it."""
+
+    def claim(self, organization: str, invoice_id: str) -> AbstractAsyncContextManager[FleetTurn]:
+        """The fleet's answer, or this replica's turn to fetch it, for as long as the block."""
+        ...
 
 
 class Entry:
@@ -85,10 +116,12 @@ class InvoiceCache:
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.time,
+        fleet: Fleet | None = None,
     ) -> None:
         self._config = config
         self._metrics = metrics
         self._clock = clock
+        self._fleet = fleet  # None: [shared] is off, a miss goes straight to `fetch`
         self._store = _Store(config.max_bytes, metrics.cache_evictions.inc)
         self._inflight: dict[Key, asyncio.Task[Entry]] = {}
         # Fetches under way when their key was purged: their answer goes to the callers
@@ -117,6 +150,7 @@ class InvoiceCache:
     async def load(self, organization: str, invoice_id: str, fetch: Fetcher) -> tuple[Entry, str]:
         """After `fresh` missed: join or start the one fetch for this key.
 
+        `fetch` asks PlanetScale; with a fleet level, only when the fleet has no answer.
         A caller that is cancelled does not cancel the fetch for the others. When the
         fetch fails and an expired entry is still within its stale window, that entry
         is served instead (`stale`); otherwise every waiter gets the same error.
@@ -139,10 +173,8 @@ class InvoiceCache:
             self._stale.inc()
             return stale, STALE
 
-    def lifetimes(self, fetched: Fetched) -> tuple[float, float]:
+    def _lifetimes(self, fetched: Fetched) -> tuple[float, float]:
         """Until when an answer is fresh, and until when it may still be served stale."""
-        if fetched.lifetimes is not None:
-            return fetched.lifetimes  # decided by the shared cache when it first stored it
         now = self._clock()
         if fetched.status == 200:
             facts = fetched.facts
@@ -153,9 +185,13 @@ class InvoiceCache:
         return expires, expires
 
     async def _fetch(self, key: Key, fetch: Fetcher) -> Entry:
-        fetched = await fetch(*key)
-        now = self._clock()
-        fresh_until, stale_until = self.lifetimes(fetched)
+        if self._fleet is None:
+            fetched = await fetch(*key)
+            now = self._clock()
+            fresh_until, stale_until = self._lifetimes(fetched)
+        else:
+            fetched, fresh_until, stale_until = await self._fetch_in_fleet(self._fleet, key, fetch)
+            now = self._clock()
         entry = Entry(fetched.status, fetched.body, fresh_until, stale_until, key)
         if asyncio.current_task() in self._purged:
             return entry
@@ -164,6 +200,22 @@ class InvoiceCache:
         elif self._store.pop(key, None) is not None:
             self._update_gauges()  # an older answer must not outlive this one
         return entry
+
+    async def _fetch_in_fleet(
+        self, fleet: Fleet, key: Key, fetch: Fetcher
+    ) -> tuple[Fetched, float, float]:
+        """The fleet's answer, or this replica's fetch shared with the fleet; and lifetimes."""
+        async with fleet.claim(*key) as turn:
+            if turn.found is not None:
+                fetched, fresh_until, stale_until = turn.found
+                # Never longer than this replica would keep the same answer fetched now:
+                # a forged "final" open invoice, or a lifetime far ahead, is cut to that.
+                own_fresh, own_stale = self._lifetimes(fetched)
+                return fetched, min(fresh_until, own_fresh), min(stale_until, own_stale)
+            fetched = await turn.fetch(partial(fetch, *key))
+            fresh_until, stale_until = self._lifetimes(fetched)
+            await turn.share(fetched, fresh_until, stale_until)
+            return fetched, fresh_until, stale_until
 
     def _fetch_done(self, key: Key, task: asyncio.Task[Entry]) -> None:
         if self._inflight.get(key) is task:

@@ -178,3 +178,42 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class SharedMetrics:
+    """The shared level's metrics (`[shared]` on only), in the service's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.lookups = Counter(
+            "invoice_proxy_shared_cache_lookups_total",
+            "Local misses looked up in the shared cache: hit, miss (this replica asked "
+            "PlanetScale), coalesced (another replica's answer awaited), unavailable, "
+            "invalid (a stored value failed the check: dropped, fetched afresh).",
+            ["result"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            "invoice_proxy_shared_store_errors_total",
+            "Redis commands that failed or timed out, by operation.",
+            ["operation"],
+            registry=registry,
+        )
+        self.budget = Counter(
+            "invoice_proxy_fleet_budget_total",
+            "Upstream requests before the fleet budget: granted, waited (granted after a "
+            "short wait), refused (answered 429), unavailable (Redis down: local cap only).",
+            ["result"],
+            registry=registry,
+        )
+        self.up = Gauge(
+            "invoice_proxy_shared_store_up",
+            "1 while the shared store answers, 0 during an outage.",
+            registry=registry,
+        )
+        for result in ("hit", "miss", "coalesced", "unavailable", "invalid"):
+            self.lookups.labels(result=result)
+        for operation in ("ping", "get", "claim", "release", "renew", "budget", "delete"):
+            self.errors.labels(operation=operation)
+        for result in ("granted", "waited", "refused", "unavailable"):
+            self.budget.labels(result=result)
+        self.up.set(1)

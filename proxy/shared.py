@@ -1,10 +1,11 @@
 """The fleet level: a cache, a lock and an upstream rate budget shared by every replica.
 
-Optional (`[shared] redis_url`). It sits behind each process's local cache: a local
-hit never reaches it. On a local miss, `SharedLevel.fetch` reads Redis (or Valkey);
-on a shared miss, one replica of the fleet takes a short lock, spends a token of the
-fleet-wide budget, asks PlanetScale and writes the answer back with the same
-lifetimes as the local cache; the others wait for that answer instead of asking too.
+Optional (`[shared] redis_url`). It sits below each process's local cache: a local
+hit never reaches it. On a local miss, `InvoiceCache` claims the invoice here
+(`SharedLevel.claim`): it reads Redis (or Valkey); on a shared miss, one replica of
+the fleet takes a short lock, spends a token of the fleet-wide budget, asks
+PlanetScale and shares the answer with the lifetimes its cache gave it; the others
+wait for that answer instead of asking too.
 
 Redis is a helper, never a dependency: every command has a short timeout, a failing
 Redis is left alone for a moment (one probe a `retry_interval_s`), each outage is
@@ -14,42 +15,37 @@ PlanetScale under the per-process rate cap) as if the shared level were not ther
 Redis is untrusted input too: a value read from it passes the same check as an
 upstream body, for the requested invoice, or it is a counted shared miss that this
 replica's fetch overwrites; the lock and budget keys are checked and always expire.
+The connection itself (pool, password file) is `redis_connection`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import math
 import secrets
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
-from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import NamedTuple, TypeVar
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.credentials import CredentialProvider
+from prometheus_client import Counter
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from . import errors
-from .cache import Fetcher
 from .config import SharedConfig, UpstreamConfig
 from .invoice import InvalidInvoice, check_invoice
+from .metrics import SharedMetrics
+from .redis_connection import warm_up
 from .resilience import FAIR_LANE, CircuitBreaker, CircuitState, FairQueue, Refused
 from .upstream import FailureKind, Fetched, UpstreamFailure, spend_deadline, wait_bound_s
 
 log = structlog.get_logger("proxy.shared")
 
 T = TypeVar("T")
-Lifetimes = Callable[[Fetched], tuple[float, float]]
 
 # Bump when the stored value's layout changes: old entries are then simply not read.
 FORMAT_VERSION = "v1"
@@ -177,45 +173,6 @@ return {1, math.ceil(wait)}
 """
 
 
-class SharedMetrics:
-    """The shared level's metrics, in the service's registry."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.lookups = Counter(
-            "invoice_proxy_shared_cache_lookups_total",
-            "Local misses looked up in the shared cache: hit, miss (this replica asked "
-            "PlanetScale), coalesced (another replica's answer awaited), unavailable, "
-            "invalid (a stored value failed the check: dropped, fetched afresh).",
-            ["result"],
-            registry=registry,
-        )
-        self.errors = Counter(
-            "invoice_proxy_shared_store_errors_total",
-            "Redis commands that failed or timed out, by operation.",
-            ["operation"],
-            registry=registry,
-        )
-        self.budget = Counter(
-            "invoice_proxy_fleet_budget_total",
-            "Upstream requests before the fleet budget: granted, waited (granted after a "
-            "short wait), refused (answered 429), unavailable (Redis down: local cap only).",
-            ["result"],
-            registry=registry,
-        )
-        self.up = Gauge(
-            "invoice_proxy_shared_store_up",
-            "1 while the shared store answers, 0 during an outage.",
-            registry=registry,
-        )
-        for result in ("hit", "miss", "coalesced", "unavailable", "invalid"):
-            self.lookups.labels(result=result)
-        for operation in ("ping", "get", "claim", "release", "renew", "budget", "delete"):
-            self.errors.labels(operation=operation)
-        for result in ("granted", "waited", "refused", "unavailable"):
-            self.budget.labels(result=result)
-        self.up.set(1)
-
-
 class Unavailable(Exception):
     """The shared store did not answer (or is being left alone); take the local path."""
 
@@ -236,52 +193,20 @@ class Budget(NamedTuple):
     wait_s: float
 
 
-class _PasswordFile(CredentialProvider):
-    """The Redis password, read from its file for each new connection (so it can rotate)."""
-
-    def __init__(self, path: str, username: str) -> None:
-        self._path = Path(path)
-        self._username = username
-
-    def get_credentials(self) -> tuple[str] | tuple[str, str]:
-        password = self._path.read_text().strip()
-        return (self._username, password) if self._username else (password,)
-
-    async def get_credentials_async(self) -> tuple[str] | tuple[str, str]:
-        return self.get_credentials()
-
-
-def make_client(config: SharedConfig) -> Redis:
-    """A client with a bounded pool, short timeouts and no retries of its own."""
-    options: dict[str, Any] = {
-        "max_connections": config.max_connections,
-        "timeout": config.timeout_s,  # waiting for a pooled connection
-        "socket_timeout": config.timeout_s,
-        "socket_connect_timeout": config.timeout_s,
-        "retry": Retry(NoBackoff(), 0),  # ours is the circuit; a retry would double the wait
-        # A new connection costs one round trip: no HELLO (RESP2 is all we need) and no
-        # CLIENT SETINFO. A burst of misses opens many at once; redis-py's defaults make
-        # each cost ten times more, which shows as timeouts under load.
-        "protocol": 2,
-        "driver_info": None,
-    }
-    if config.password_file:
-        options["credential_provider"] = _PasswordFile(config.password_file, config.username)
-    if config.ca_file:
-        options["ssl_ca_certs"] = config.ca_file
-    return Redis.from_pool(BlockingConnectionPool.from_url(config.redis_url, **options))
-
-
 class SharedStore:
     """Answers, locks and the fleet budget in Redis; every failure becomes `Unavailable`.
 
     Keys: `{namespace}:v1:inv:{org:id}` holds an answer, `{namespace}:v1:lock:{org:id}`
     the claim on its fetch (the braces make both one Redis Cluster slot), and
     `{namespace}:v1:budget` the fleet's budget. Organization and id never hold `:`.
+
+    Built with the client (`redis_connection.make_client`, which connects nothing yet);
+    `lifetime` connects it at start-up and closes it at shutdown.
     """
 
     def __init__(
         self,
+        client: Redis,
         config: SharedConfig,
         upstream_config: UpstreamConfig,
         metrics: SharedMetrics,
@@ -289,6 +214,7 @@ class SharedStore:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._redis = client
         self._config = config
         self._metrics = metrics
         self._clock = clock
@@ -302,52 +228,29 @@ class SharedStore:
         )
         self._circuit = CircuitBreaker(_FAILURES, config.retry_interval_s, monotonic)
         self._outage_since: float | None = None
-        self._redis: Redis | None = None
-        self._claim: Any = None
-        self._discard: Any = None
-        self._release: Any = None
-        self._renew: Any = None
-        self._purge: Any = None
-        self._budget: Any = None
-        self._invalid = metrics.lookups.labels(result="invalid")
-
-    async def lifetime(self, _app: object = None) -> AsyncIterator[None]:
-        """aiohttp cleanup_ctx: the client (a lazy pool) lives as long as the application."""
-        client = make_client(self._config)
-        self._redis = client
+        # Registering computes each script's SHA-1 here; Redis sees them on first use.
         self._claim = client.register_script(_CLAIM)
         self._discard = client.register_script(_DISCARD)
         self._release = client.register_script(_RELEASE)
         self._renew = client.register_script(_RENEW)
         self._purge = client.register_script(_PURGE)
         self._budget = client.register_script(_BUDGET)
+        self._invalid = metrics.lookups.labels(result="invalid")
+
+    async def lifetime(self, _app: object = None) -> AsyncIterator[None]:
+        """aiohttp cleanup_ctx: connect (the pool warmed up) at start-up, close at shutdown."""
         try:
             # Not reachable at start is an outage at once (logged); the service starts.
             await self._run("ping", lambda r: r.ping(), decisive=True)
         except Unavailable:
             pass
         else:
-            await self._warm_up(client)
+            await warm_up(self._redis, self._config.max_connections)
             log.info("shared_store_connected", namespace=self._config.namespace)
         try:
             yield
         finally:
-            self._redis = None
-            await client.aclose()
-
-    async def _warm_up(self, client: Redis) -> None:
-        """Open the pool's connections now: a burst of misses then opens none of its own."""
-        pool = client.connection_pool
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
-            async with asyncio.timeout(1.0):
-                connections = await asyncio.gather(
-                    *(
-                        pool.get_connection()  # type: ignore[no-untyped-call]
-                        for _ in range(self._config.max_connections)
-                    )
-                )
-                for connection in connections:
-                    await pool.release(connection)
+            await self._redis.aclose()
 
     @property
     def available(self) -> bool:
@@ -366,7 +269,7 @@ class SharedStore:
         `_FAILURES` failures in a row are an outage (one stray timeout is not), or one
         `decisive` failure.
         """
-        if self._redis is None or not self._circuit.allow():
+        if not self._circuit.allow():
             raise Unavailable()
         try:
             async with asyncio.timeout(self._config.timeout_s):
@@ -429,7 +332,7 @@ class SharedStore:
         had nothing.
         """
         keys = self._keys(organization, invoice_id)
-        args = [token, self._lock_ms]
+        args: list[str | int] = [token, self._lock_ms]
         reply = await self._run("claim", lambda _: self._claim(keys=keys, args=args))
         if reply[0] == 3:  # not a string: the script dropped it
             self.invalid("type")
@@ -450,7 +353,7 @@ class SharedStore:
         return await self._discard_and_claim(keys, token, _digest(_pack(answer)))
 
     async def _discard_and_claim(self, keys: list[str], token: str, digest: str) -> Shared | bool:
-        args = [token, self._lock_ms, digest]
+        args: list[str | int] = [token, self._lock_ms, digest]
         reply = await self._run("claim", lambda _: self._discard(keys=keys, args=args))
         if reply[0] != 1:
             return bool(reply[0] == 2)
@@ -568,17 +471,87 @@ def _unpack(raw: bytes) -> Shared:
     return Shared(status, body, fresh_until, stale_until)
 
 
-class SharedLevel:
-    """`fetch(organization, id)` for `InvoiceCache.load`: the fleet's one fetch per invoice.
+class Found(NamedTuple):
+    """A shared answer whose body passed the check, with the lifetimes it was stored with."""
 
-    The local cache already makes concurrent local misses one call here; this makes
-    the calls of all replicas one upstream request. `lifetimes` is the local cache's
-    freshness rule, so both levels keep an answer exactly as long.
+    fetched: Fetched
+    fresh_until: float
+    stale_until: float
+
+
+async def _twice(store: SharedStore, call: Callable[[], Awaitable[T]]) -> T:
+    """A store call, once more after a stray failure: going without Redis is for outages."""
+    try:
+        return await call()
+    except Unavailable:
+        if not store.available:
+            raise
+        return await call()
+
+
+class Turn:
+    """One local miss's dealings with the fleet, given by `SharedLevel.claim`.
+
+    `found` is the fleet's answer (stored, or another replica's awaited). Without one,
+    this replica asks PlanetScale (`fetch`, within the fleet budget) and gives the
+    answer to the others (`share`, with the lifetimes the cache decided).
+    """
+
+    __slots__ = ("_budget", "_invoice_id", "_organization", "_shares", "_store", "found", "token")
+
+    def __init__(
+        self,
+        store: SharedStore,
+        budget: Callable[[], Awaitable[None]],
+        organization: str,
+        invoice_id: str,
+        *,
+        found: Found | None = None,
+        token: str | None = None,
+        shares: bool = True,
+    ) -> None:
+        self._store = store
+        self._budget = budget
+        self._organization = organization
+        self._invoice_id = invoice_id
+        self.found = found
+        self.token = token  # the lock this fetch holds; None: no lock (waited it out, or alone)
+        self._shares = shares  # False while Redis is out: nothing to share, nobody waits
+
+    async def fetch(self, upstream: Callable[[], Awaitable[Fetched]]) -> Fetched:
+        """Ask PlanetScale within the fleet budget; on failure the lock is dropped at once."""
+        try:
+            await self._budget()
+            return await upstream()
+        except BaseException:
+            if self.token is not None:
+                with contextlib.suppress(Unavailable):  # counted and logged by the store
+                    await self._store.unlock(self._organization, self._invoice_id, self.token)
+            raise
+
+    async def share(self, fetched: Fetched, fresh_until: float, stale_until: float) -> None:
+        """Store the answer for the fleet and drop the lock; until then the others wait."""
+        if not self._shares:
+            return
+        answer = Shared(fetched.status, fetched.body, fresh_until, stale_until)
+        store = self._store
+        with contextlib.suppress(Unavailable):  # counted and logged by the store
+            await _twice(
+                store, lambda: store.put(self._organization, self._invoice_id, answer, self.token)
+            )
+
+
+class SharedLevel:
+    """The fleet's one fetch per invoice, below each replica's `InvoiceCache`.
+
+    The local cache already makes concurrent local misses one `claim` here; this makes
+    the misses of all replicas one upstream request. The cache decides lifetimes, for
+    its own entries and for the fleet's (`Turn.share`), so both levels keep an answer
+    exactly as long.
 
     What Redis holds is checked as an upstream body is (`upstream_config` gives the
     schema mode): a value that fails is a shared miss, counted, and overwritten by
-    this replica's own fetch. A value is never kept longer than this replica would
-    keep the same answer fetched now.
+    this replica's own fetch.
     """
 
     def __init__(
@@ -586,8 +559,6 @@ class SharedLevel:
         config: SharedConfig,
         upstream_config: UpstreamConfig,
         store: SharedStore,
-        upstream_fetch: Fetcher,
-        lifetimes: Lifetimes,
         metrics: SharedMetrics,
         *,
         monotonic: Callable[[], float] = time.monotonic,
@@ -603,11 +574,7 @@ class SharedLevel:
         self._fleet_max_wait_s = min(
             upstream_config.fleet_max_wait_s, wait_bound_s(upstream_config)
         )
-        self._fleet_rate_per_minute = upstream_config.fleet_rate_per_minute
-        self._fleet_burst = upstream_config.fleet_burst
         self._store = store
-        self._upstream = upstream_fetch
-        self._lifetimes = lifetimes
         self._monotonic = monotonic
         self._sleep = sleep
         lookups = metrics.lookups
@@ -620,18 +587,48 @@ class SharedLevel:
         self._waited = budget.labels(result="waited")
         self._refused = budget.labels(result="refused")
         self._budget_unavailable = budget.labels(result="unavailable")
+        # Waiting fetches of this replica, served in turn; one booking in Redis at a time.
+        interval_s = 60.0 / upstream_config.fleet_rate_per_minute
+        burst = upstream_config.fleet_burst
+        self._budget_queue: FairQueue[Counter] = FairQueue(
+            self._book_budget,
+            # Optimistic (the burst unspent, no other replica waiting): only a wait that
+            # cannot fit is refused before asking Redis, whose booking has the last word.
+            lambda grants: max(0, grants - burst) * interval_s,
+            clock=monotonic,
+            sleep=sleep,
+            name="fleet-budget",
+        )
 
-    async def fetch(self, organization: str, invoice_id: str) -> Fetched:
-        """A shared answer, another replica's awaited, or this replica's own fetch."""
+    @contextlib.asynccontextmanager
+    async def claim(self, organization: str, invoice_id: str) -> AsyncIterator[Turn]:
+        """A shared answer, another replica's awaited, or this replica's turn to fetch.
+
+        While a turn that holds the lock lasts, the lock is renewed.
+        """
+        turn = await self._turn(organization, invoice_id)
+        if turn.token is None:
+            yield turn
+            return
+        renewal = asyncio.create_task(
+            self._keep_lock(organization, invoice_id, turn.token), name="shared-lock-renewal"
+        )
+        try:
+            yield turn
+        finally:
+            renewal.cancel()
+            await asyncio.gather(renewal, return_exceptions=True)
+
+    async def _turn(self, organization: str, invoice_id: str) -> Turn:
         store = self._store
         token = store.new_token()
         try:
-            found = await self._twice(lambda: self._claim(organization, invoice_id, token))
+            found = await _twice(store, lambda: self._claim(organization, invoice_id, token))
         except Unavailable:
-            return await self._fetch_alone(organization, invoice_id)
-        if isinstance(found, Fetched):
+            return self._alone(organization, invoice_id)
+        if isinstance(found, Found):
             self._hit.inc()
-            return found
+            return Turn(store, self._take_budget, organization, invoice_id, found=found)
         holds = found
         # Another replica is fetching: wait for its answer. It renews its lock while it
         # fetches; if it dies, the lock expires within lock_ttl_s and a claim here
@@ -645,30 +642,38 @@ class SharedLevel:
                 found = await self._claim(organization, invoice_id, token)
             except Unavailable:
                 if not store.available:
-                    return await self._fetch_alone(organization, invoice_id)
+                    return self._alone(organization, invoice_id)
                 continue  # a stray failure: keep waiting for the holder's answer
-            if isinstance(found, Fetched):
+            if isinstance(found, Found):
                 self._coalesced.inc()
-                return found
+                return Turn(store, self._take_budget, organization, invoice_id, found=found)
             holds = found
         self._miss.inc()
-        return await self._fetch_upstream(organization, invoice_id, token if holds else None)
+        return Turn(
+            store, self._take_budget, organization, invoice_id, token=token if holds else None
+        )
 
-    async def _claim(self, organization: str, invoice_id: str, token: str) -> Fetched | bool:
+    def _alone(self, organization: str, invoice_id: str) -> Turn:
+        """Redis did not answer: no coordination, but the budget still if Redis allows."""
+        self._unavailable.inc()
+        # During an outage the budget answers at once, under the local cap only.
+        return Turn(self._store, self._take_budget, organization, invoice_id, shares=False)
+
+    async def _claim(self, organization: str, invoice_id: str, token: str) -> Found | bool:
         """A stored answer that passes the check; else whether `token` holds the lock."""
         claim = await self._store.claim(organization, invoice_id, token)
         if not isinstance(claim, Shared):
             return claim
-        fetched = self._accepted(invoice_id, claim)
-        if fetched is not None:
-            return fetched
+        found = self._accepted(invoice_id, claim)
+        if found is not None:
+            return found
         claim = await self._store.discard(organization, invoice_id, token, claim)
         if not isinstance(claim, Shared):
             return claim
         return self._accepted(invoice_id, claim) or False  # else wait for a good one
 
-    def _accepted(self, invoice_id: str, shared: Shared) -> Fetched | None:
-        """The stored answer as the local cache may keep it, or None (counted, logged)."""
+    def _accepted(self, invoice_id: str, shared: Shared) -> Found | None:
+        """The stored answer if its body passes the check, or None (counted, logged)."""
         facts = None
         if shared.status == 200:
             try:
@@ -676,55 +681,8 @@ class SharedLevel:
             except InvalidInvoice:
                 self._store.invalid("body")
                 return None
-        # Never longer than this replica would keep the same answer fetched now: a
-        # forged "final" open invoice, or a lifetime far ahead, is cut to that.
-        own_fresh, own_stale = self._lifetimes(Fetched(shared.status, shared.body, facts))
-        lifetimes = (min(shared.fresh_until, own_fresh), min(shared.stale_until, own_stale))
-        return Fetched(shared.status, shared.body, facts, lifetimes=lifetimes)
-
-    async def _twice(self, call: Callable[[], Awaitable[T]]) -> T:
-        """A store call, once more after a stray failure: going without Redis is for outages."""
-        try:
-            return await call()
-        except Unavailable:
-            if not self._store.available:
-                raise
-            return await call()
-
-    async def _fetch_alone(self, organization: str, invoice_id: str) -> Fetched:
-        """Redis did not answer: no coordination, but the budget still if Redis allows."""
-        self._unavailable.inc()
-        await self._take_budget()  # during an outage: at once, under the local cap only
-        return await self._upstream(organization, invoice_id)
-
-    async def _fetch_upstream(
-        self, organization: str, invoice_id: str, token: str | None
-    ) -> Fetched:
-        """Ask PlanetScale within the fleet budget, then share the answer and the lock."""
-        renewal = None
-        if token is not None:
-            renewal = asyncio.create_task(
-                self._keep_lock(organization, invoice_id, token), name="shared-lock-renewal"
-            )
-        try:
-            try:
-                await self._take_budget()
-                fetched = await self._upstream(organization, invoice_id)
-            except BaseException:
-                if token is not None:
-                    with contextlib.suppress(Unavailable):  # counted and logged by the store
-                        await self._store.unlock(organization, invoice_id, token)
-                raise
-            fresh_until, stale_until = self._lifetimes(fetched)
-            answer = Shared(fetched.status, fetched.body, fresh_until, stale_until)
-            # Until the answer is there (or the lock gone), the other replicas wait for it.
-            with contextlib.suppress(Unavailable):  # counted and logged by the store
-                await self._twice(lambda: self._store.put(organization, invoice_id, answer, token))
-            return replace(fetched, lifetimes=(fresh_until, stale_until))
-        finally:
-            if renewal is not None:
-                renewal.cancel()
-                await asyncio.gather(renewal, return_exceptions=True)
+        fetched = Fetched(shared.status, shared.body, facts)
+        return Found(fetched, shared.fresh_until, shared.stale_until)
 
     async def _keep_lock(self, organization: str, invoice_id: str, token: str) -> None:
         """Renew the lock every third of its lifetime, so the others keep waiting for us.
@@ -765,25 +723,10 @@ class SharedLevel:
         counted.inc()
         spend_deadline(self._monotonic() - start)
 
-    @functools.cached_property
-    def _budget_queue(self) -> FairQueue[Counter]:
-        """Waiting fetches of this replica, served in turn; one booking in Redis at a time."""
-        interval_s = 60.0 / self._fleet_rate_per_minute
-        burst = self._fleet_burst
-        return FairQueue(
-            self._book_budget,
-            # Optimistic (the burst unspent, no other replica waiting): only a wait that
-            # cannot fit is refused before asking Redis, whose booking has the last word.
-            lambda grants: max(0, grants - burst) * interval_s,
-            clock=self._monotonic,
-            sleep=self._sleep,
-            name="fleet-budget",
-        )
-
     async def _book_budget(self, max_wait_s: float) -> tuple[float, Counter]:
         """The fleet's next request: (wait, the counter of how it went), or `Refused`."""
         try:
-            budget = await self._twice(lambda: self._store.take_budget(max_wait_s))
+            budget = await _twice(self._store, lambda: self._store.take_budget(max_wait_s))
         except Unavailable:
             return 0.0, self._budget_unavailable  # an outage: the local rate cap still holds
         except Exception as exc:

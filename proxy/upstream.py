@@ -87,8 +87,6 @@ class Fetched:
     status: int
     body: bytes
     facts: InvoiceFacts | None
-    # (fresh_until, stale_until), Unix time, when the shared cache already decided them.
-    lifetimes: tuple[float, float] | None = None
 
 
 class FailureKind(Enum):

@@ -29,11 +29,12 @@ from structlog.testing import capture_logs
 
 from proxy.app import METRICS
 from proxy.config import ConfigError, SharedConfig, UpstreamConfig, parse_config, parse_section
+from proxy.metrics import SharedMetrics
+from proxy.redis_connection import make_client
 from proxy.shared import (
     FORMAT_VERSION,
     Budget,
     Shared,
-    SharedMetrics,
     SharedStore,
     Unavailable,
 )
@@ -91,7 +92,7 @@ def opened(store: SharedStore) -> AbstractAsyncContextManager[None]:
 
 def new_store(config: Fleet) -> tuple[SharedStore, CollectorRegistry]:
     registry = CollectorRegistry()
-    return SharedStore(*config, SharedMetrics(registry)), registry
+    return SharedStore(make_client(config[0]), *config, SharedMetrics(registry)), registry
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
