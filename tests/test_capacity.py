@@ -25,7 +25,7 @@ from proxy.auth import key_digest
 from proxy.config import parse_config
 from proxy.resilience import FairQueue, Refused
 
-from .conftest import (
+from .helpers import (
     BILLING,
     BILLING_KEY,
     REPORTING,

@@ -13,7 +13,7 @@ from proxy.app import CREDENTIALS
 from proxy.credential import CredentialError, EnvSource, FileSource
 from proxy.metrics import Metrics
 
-from .conftest import (
+from .helpers import (
     BILLING,
     TOKEN,
     TOKEN_ID,

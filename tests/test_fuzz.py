@@ -28,7 +28,7 @@ from proxy.config import parse_config
 from proxy.server import ProxyRunner
 from proxy.standin import StandIn, start
 
-from .conftest import (
+from .helpers import (
     REPORTING_KEY,
     UPSTREAM_HEADER,
     bearer,

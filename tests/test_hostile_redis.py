@@ -24,11 +24,10 @@ import redis.asyncio
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from proxy.app import METRICS
 from proxy.invoice import InvalidInvoice, check_invoice
 from proxy.standin import make_invoice
 
-from .conftest import BILLING, Proxy, ProxyFactory, Upstream, invoice_path
+from .helpers import BILLING, Proxy, ProxyFactory, Upstream, invoice_path, metric
 from .redis_server import RedisServer
 
 LIVE = settings(
@@ -101,10 +100,6 @@ async def fleet(make_proxy: ProxyFactory, redis_server: RedisServer) -> Proxy:
 @pytest.fixture
 async def strict_fleet(make_proxy: ProxyFactory, redis_server: RedisServer) -> Proxy:
     return await make_proxy(**shared_sections(redis_server, strict_schema=True))
-
-
-def metric(proxy: Proxy, name: str, **labels: str) -> float:
-    return proxy.app[METRICS].registry.get_sample_value(name, labels) or 0.0
 
 
 def passes(body: bytes, invoice_id: str, *, strict: bool) -> bool:

@@ -21,7 +21,7 @@ from proxy.app import CREDENTIALS, init_app
 from proxy.config import parse_config
 from proxy.credential import Credential, FileSource
 
-from .conftest import (
+from .helpers import (
     BILLING,
     ProxyFactory,
     Upstream,

@@ -18,7 +18,7 @@ from proxy.config import parse_config
 from proxy.server import ProxyRunner
 from proxy.standin import Behaviour
 
-from .conftest import REPORTING_KEY, Upstream, config_dict, invoice_path
+from .helpers import REPORTING_KEY, Upstream, config_dict, invoice_path
 
 MARGIN_S = 0.5
 AUTH = f"Authorization: Bearer {REPORTING_KEY}\r\n"

@@ -26,7 +26,7 @@ from proxy.credential import Credential, CredentialError, CredentialStore, runni
 from proxy.metrics import Metrics
 from proxy.vault import VaultSource
 
-from .conftest import BILLING, FakeClock, Upstream, config_dict, invoice_path
+from .helpers import BILLING, FakeClock, Upstream, config_dict, invoice_path, metric
 from .openbao import (
     OpenBao,
     TokenReviewStandIn,
@@ -154,13 +154,6 @@ def version_of(store: CredentialStore) -> int | None:
 
 async def wait_for_version(store: CredentialStore, version: int) -> None:
     await wait_for(lambda: version_of(store) == version, f"version {version} in use")
-
-
-def metric(metrics: Metrics, line_start: str) -> float:
-    for line in metrics.exposition().decode().splitlines():
-        if line.startswith(line_start + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"no metric line {line_start}")
 
 
 # -- reading and rotation ---------------------------------------------------------------
@@ -508,11 +501,15 @@ async def test_an_outage_keeps_the_last_credential_counts_failures_and_recovers(
     config = dataclasses.replace(config, refresh_interval_s=0.1, timeout_s=0.3)
     metrics = Metrics()
     store = CredentialStore(VaultSource(config), metrics, max_backoff_s=0.5)
-    failures = 'invoice_proxy_credential_reloads_total{result="failure"}'
     async with running(store):
         assert store.current is not None and store.current.version == 1
         with openbao.paused():
-            await wait_for(lambda: metric(metrics, failures) >= 2, "failures counted")
+            await wait_for(
+                lambda: (
+                    metric(metrics, "invoice_proxy_credential_reloads_total", result="failure") >= 2
+                ),
+                "failures counted",
+            )
             assert store.current is not None and store.current.token == first["token"]
             assert metric(metrics, "invoice_proxy_credential_loaded") == 1
         second = planetscale_token()
@@ -923,7 +920,7 @@ async def test_a_hostile_vault_answer_is_a_credential_error_with_a_safe_reason(
     async with running(store):
         assert store.current is None
         assert reason in store.not_ready_reason
-        assert metric(metrics, 'invoice_proxy_credential_reloads_total{result="failure"}') == 1
+        assert metric(metrics, "invoice_proxy_credential_reloads_total", result="failure") == 1
     failed = events(logs, "credential_reload_failed")
     assert [reason in e["reason"] for e in failed] == [True]
     assert "error" not in failed[0]  # a known failure, not an unexpected class
