@@ -5,12 +5,13 @@ What they build (and every other helper) is in helpers.py.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio
 
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.config import Config, parse_config
@@ -27,6 +28,7 @@ from .helpers import (
     running_proxy,
     write_credential,
 )
+from .redis_server import RedisServer
 
 
 @pytest.fixture
@@ -44,6 +46,26 @@ def credential_file(tmp_path: Path) -> Path:
     path = tmp_path / "planetscale.json"
     write_credential(path)
     return path
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real Redis of its own for the test."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def inspect(redis_server: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
+    """A plain client to look at what the proxy stored."""
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture

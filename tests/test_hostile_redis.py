@@ -15,8 +15,6 @@ import json
 import math
 import struct
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -53,24 +51,6 @@ def value_key(invoice_id: str) -> str:
 
 def lock_key(invoice_id: str) -> str:
     return f"{PREFIX}:lock:{{acme:{invoice_id}}}"
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def inspect(redis_server: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
-    client = redis.asyncio.Redis.from_url(redis_server.url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def shared_sections(server: RedisServer, **upstream: Any) -> dict[str, dict[str, Any]]:

@@ -60,25 +60,6 @@ BODY = b'{"id": "inv_1", "total": 1.5}'
 REDIS_PASSWORD = "redis-PASSWORD-0123456789abcdefghijklmnopqrstuv"
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def inspect(redis_server: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
-    """A plain client to look at what the proxy stored."""
-    client = redis.asyncio.Redis.from_url(redis_server.url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
 FLEET_KEYS = ("fleet_rate_per_minute", "fleet_burst", "fleet_max_wait_s")
 
 

@@ -7,7 +7,7 @@ import asyncio
 import itertools
 import json
 import os
-from collections.abc import AsyncIterator, Callable, MutableMapping
+from collections.abc import AsyncIterator, MutableMapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -31,6 +31,7 @@ from .helpers import (
     Upstream,
     invoice_path,
     metric,
+    wait_until,
     write_credential,
 )
 
@@ -41,14 +42,6 @@ TASK_FAILURES = "invoice_proxy_background_task_failures_total"
 WAIT_S = 5.0  # upper bound for anything a test waits for
 
 Logs = list[MutableMapping[str, Any]]
-
-
-async def wait_until(condition: Callable[[], bool], what: str) -> None:
-    async with asyncio.timeout(WAIT_S):
-        # Polling: the condition is state of the store or metrics, nothing to wait on.
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
-    assert condition(), what
 
 
 def events(logs: Logs, name: str) -> Logs:
