@@ -137,11 +137,14 @@ async def test_open_circuit_answers_503_at_once_without_calling_planetscale(
 async def test_circuit_half_opens_probes_once_and_closes_on_success(
     make_proxy: ProxyFactory, upstream: Upstream
 ) -> None:
-    proxy = await make_proxy(upstream={"retries": 0, "circuit_failures": 2, "circuit_open_s": 0.3})
+    clock = FakeClock(monotonic=True)
+    proxy = await make_proxy(
+        clock, upstream={"retries": 0, "circuit_failures": 2, "circuit_open_s": 0.3}
+    )
     upstream.standin.behave("*", Behaviour("status", status=503))
     for i in range(2):
         await proxy.api.get(invoice_path("acme", f"inv_{i}"), headers=REPORTING)
-    await asyncio.sleep(0.35)
+    clock.advance(0.35)
 
     # PlanetScale is back, slowly: the probe is in flight while a second request arrives.
     upstream.standin.behave("*", Behaviour("slow", delay_s=0.3))
@@ -163,11 +166,14 @@ async def test_circuit_half_opens_probes_once_and_closes_on_success(
 async def test_failed_probe_opens_the_circuit_again(
     make_proxy: ProxyFactory, upstream: Upstream
 ) -> None:
-    proxy = await make_proxy(upstream={"retries": 0, "circuit_failures": 2, "circuit_open_s": 0.3})
+    clock = FakeClock(monotonic=True)
+    proxy = await make_proxy(
+        clock, upstream={"retries": 0, "circuit_failures": 2, "circuit_open_s": 0.3}
+    )
     upstream.standin.behave("*", Behaviour("reset"))
     for i in range(2):
         await proxy.api.get(invoice_path("acme", f"inv_{i}"), headers=REPORTING)
-    await asyncio.sleep(0.35)
+    clock.advance(0.35)
     response = await proxy.api.get(invoice_path("acme", "inv_probe"), headers=REPORTING)
     await assert_error(response, 502, "upstream_error")
     assert upstream.standin.stats.requests == 3

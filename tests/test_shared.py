@@ -43,6 +43,7 @@ from . import manifests
 from .helpers import (
     ADMIN,
     BILLING,
+    FakeClock,
     Proxy,
     ProxyFactory,
     Served,
@@ -545,14 +546,15 @@ async def test_shared_answer_keeps_the_lifetimes_of_the_first_fetch(
     make_proxy: ProxyFactory, redis_server: RedisServer
 ) -> None:
     """A replica that reads an open invoice from Redis keeps it only as long as its writer."""
-    first = await make_proxy(**fleet_sections(redis_server))
-    second = await make_proxy(**fleet_sections(redis_server))
+    clock = FakeClock()  # wall time, which both replicas read; Redis's expiry stays real
+    first = await make_proxy(clock, **fleet_sections(redis_server))
+    second = await make_proxy(clock, **fleet_sections(redis_server))
 
     def max_age(response: aiohttp.ClientResponse) -> int:
         return int(response.headers["Cache-Control"].removeprefix("private, max-age="))
 
     assert 299 <= max_age(await get(first, "open-1")) <= 300
-    await asyncio.sleep(1.1)
+    clock.advance(1.1)
     response = await get(second, "open-1")
     assert response.headers["X-Cache"] == "MISS"  # a local miss, served from Redis
     assert 297 <= max_age(response) <= 298, "not a fresh 300 s from the second replica"
