@@ -47,8 +47,9 @@ class ServerProcess:
         self._paused = False
 
 
-def free_ports(count: int) -> int:
-    """The first of `count` consecutive free ports (the admin ports of `server.workers`)."""
+def free_ports(count: int) -> list[int]:
+    """`count` consecutive free ports on 127.0.0.1 (distinct; consecutive as the admin
+    ports of `server.workers` must be: admin_port + i)."""
     for _ in range(50):
         first = free_port()
         try:
@@ -57,5 +58,5 @@ def free_ports(count: int) -> int:
                     s.bind(("127.0.0.1", port))
         except OSError:
             continue
-        return first
+        return list(range(first, first + count))
     raise RuntimeError(f"no {count} consecutive free ports")

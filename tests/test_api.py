@@ -6,13 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from aiohttp import ClientResponse
 from multidict import CIMultiDict
 
 from proxy.auth import key_digest
 from proxy.standin import Behaviour, make_invoice
 
-from .conftest import (
+from .helpers import (
     ADMIN,
     BILLING,
     BILLING_KEY,
@@ -21,18 +20,9 @@ from .conftest import (
     Proxy,
     ProxyFactory,
     Upstream,
+    assert_error,
     invoice_path,
 )
-
-
-async def assert_error(response: ClientResponse, status: int, code: str) -> dict[str, str]:
-    assert response.status == status
-    assert response.content_type == "application/json"
-    body = await response.json()
-    assert body["code"] == code
-    assert set(body) == {"code", "message"} and body["message"]
-    assert response.headers["X-Request-ID"]
-    return dict(body)
 
 
 async def test_invoice_is_planetscale_body_with_cache_headers(

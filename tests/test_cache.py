@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import re
 
 import aiohttp
 import pytest
@@ -17,7 +16,7 @@ from proxy.metrics import Metrics
 from proxy.standin import Behaviour, make_invoice
 from proxy.upstream import Fetched
 
-from .conftest import (
+from .helpers import (
     ADMIN,
     BILLING,
     REPORTING,
@@ -25,21 +24,12 @@ from .conftest import (
     Proxy,
     ProxyFactory,
     Upstream,
+    get,
     invoice_path,
+    metric,
 )
 
 YEAR = 365 * 86400.0
-
-
-async def get(proxy: Proxy, invoice_id: str, org: str = "acme", **headers: str):  # type: ignore[no-untyped-def]
-    return await proxy.api.get(invoice_path(org, invoice_id), headers={**BILLING, **headers})
-
-
-async def metric(proxy: Proxy, line: str) -> float:
-    page = await (await proxy.admin.get("/metrics")).text()
-    match = re.search(rf"^{re.escape(line)} (\S+)$", page, re.M)
-    assert match, f"{line} not on the metrics page"
-    return float(match.group(1))
 
 
 def serve_body(upstream: Upstream, invoice_id: str, **fields: object) -> None:
@@ -54,7 +44,7 @@ async def test_second_request_is_a_hit_without_upstream(proxy: Proxy, upstream: 
     assert await first.read() == await second.read()
     assert first.headers["ETag"] == second.headers["ETag"]
     assert upstream.standin.requests_for("inv_1") == 1
-    assert await metric(proxy, 'invoice_proxy_cache_lookups_total{result="hit"}') == 1
+    assert metric(proxy, "invoice_proxy_cache_lookups_total", result="hit") == 1
 
 
 async def test_final_invoice_stays_for_years(make_proxy: ProxyFactory, upstream: Upstream) -> None:
@@ -167,10 +157,10 @@ async def test_eviction_by_bytes_keeps_exactly_what_fits(
     proxy = await make_proxy(cache={"max_bytes": largest * fits + 10})
     for i in range(fits + 3):
         await get(proxy, f"inv_{i:03d}")
-    assert await metric(proxy, "invoice_proxy_cache_entries") == fits
+    assert metric(proxy, "invoice_proxy_cache_entries") == fits
     kept = sum(entry_size(i) for i in range(3, fits + 3))
-    assert await metric(proxy, "invoice_proxy_cache_bytes") == kept
-    assert await metric(proxy, "invoice_proxy_cache_evictions_total") == 3
+    assert metric(proxy, "invoice_proxy_cache_bytes") == kept
+    assert metric(proxy, "invoice_proxy_cache_evictions_total") == 3
     # The three least recently used went; the newest are hits.
     assert (await get(proxy, f"inv_{fits + 2:03d}")).headers["X-Cache"] == "HIT"
     assert (await get(proxy, "inv_000")).headers["X-Cache"] == "MISS"
@@ -192,11 +182,11 @@ async def test_recently_read_entries_survive_eviction(
 async def test_forbidden_caller_never_reads_the_cache(proxy: Proxy, upstream: Upstream) -> None:
     cached = await proxy.api.get(invoice_path("globex", "inv_1"), headers=REPORTING)
     assert cached.status == 200
-    hits = await metric(proxy, 'invoice_proxy_cache_lookups_total{result="hit"}')
+    hits = metric(proxy, "invoice_proxy_cache_lookups_total", result="hit")
     response = await get(proxy, "inv_1", org="globex")
     assert response.status == 403
     assert "total" not in await response.text()
-    assert await metric(proxy, 'invoice_proxy_cache_lookups_total{result="hit"}') == hits
+    assert metric(proxy, "invoice_proxy_cache_lookups_total", result="hit") == hits
 
 
 async def test_200_concurrent_misses_make_one_upstream_request(
@@ -215,8 +205,8 @@ async def test_200_concurrent_misses_make_one_upstream_request(
     assert [status for status, _ in results] == [200] * 200
     assert len({body for _, body in results}) == 1
     assert upstream.standin.requests_for("inv_hot") == 1
-    coalesced = await metric(proxy, 'invoice_proxy_cache_lookups_total{result="coalesced"}')
-    hits = await metric(proxy, 'invoice_proxy_cache_lookups_total{result="hit"}')
+    coalesced = metric(proxy, "invoice_proxy_cache_lookups_total", result="coalesced")
+    hits = metric(proxy, "invoice_proxy_cache_lookups_total", result="hit")
     # Those that arrived while the fetch ran joined it; any later were hits.
     assert coalesced > 100 and coalesced + hits == 199
 
@@ -300,7 +290,7 @@ async def test_stale_if_error_serves_an_expired_open_invoice(
     assert stale.status == 200
     assert stale.headers["X-Cache"] == "STALE"
     assert await stale.read() == await fresh.read()
-    assert await metric(proxy, 'invoice_proxy_cache_lookups_total{result="stale"}') == 1
+    assert metric(proxy, "invoice_proxy_cache_lookups_total", result="stale") == 1
     clock.advance(3600)
     assert (await get(proxy, "open-1")).status == 502
 
@@ -340,10 +330,10 @@ async def test_purge_drops_one_invoice_with_the_admin_key(proxy: Proxy, upstream
     path = "/cache/organizations/acme/invoices/inv_1"
     assert (await proxy.admin.delete(path)).status == 401
     assert (await proxy.admin.delete(path, headers=BILLING)).status == 401
-    assert await metric(proxy, "invoice_proxy_cache_entries") == 2
+    assert metric(proxy, "invoice_proxy_cache_entries") == 2
     response = await proxy.admin.delete(path, headers=ADMIN)
     assert response.status == 204
-    assert await metric(proxy, "invoice_proxy_cache_entries") == 1
+    assert metric(proxy, "invoice_proxy_cache_entries") == 1
     gone = await proxy.admin.delete(path, headers=ADMIN)
     assert gone.status == 404 and (await gone.json())["code"] == "not_found"
     assert (await get(proxy, "inv_1")).headers["X-Cache"] == "MISS"
@@ -364,7 +354,7 @@ async def test_an_invoice_larger_than_the_cache_is_served_not_kept(
     proxy = await make_proxy(cache={"max_bytes": 100})
     assert (await get(proxy, "inv_1")).status == 200
     assert (await get(proxy, "inv_1")).headers["X-Cache"] == "MISS"
-    assert await metric(proxy, "invoice_proxy_cache_bytes") == 0
+    assert metric(proxy, "invoice_proxy_cache_bytes") == 0
 
 
 async def test_purge_during_a_fetch_does_not_let_the_purged_answer_back(
@@ -381,7 +371,7 @@ async def test_purge_during_a_fetch_does_not_let_the_purged_answer_back(
     assert purge.status == 404  # nothing was cached yet
     response = await first
     assert response.status == 200 and response.headers["X-Cache"] == "MISS"
-    assert await metric(proxy, "invoice_proxy_cache_entries") == 0
+    assert metric(proxy, "invoice_proxy_cache_entries") == 0
     again = await get(proxy, "inv_1")
     assert again.headers["X-Cache"] == "MISS"
     assert upstream.standin.requests_for("inv_1") == 2

@@ -10,22 +10,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.app import ADMIN_APP, METRICS, init_app
 from proxy.auth import key_digest
 from proxy.config import parse_config
 from proxy.resilience import FairQueue, Refused
 
-from .conftest import (
+from .helpers import (
     BILLING,
     BILLING_KEY,
     REPORTING,
@@ -33,7 +28,9 @@ from .conftest import (
     Proxy,
     ProxyFactory,
     Upstream,
-    invoice_path,
+    get,
+    metric,
+    timed_get,
 )
 from .redis_server import RedisServer
 
@@ -176,20 +173,13 @@ async def test_a_failing_source_fails_its_waiters_and_the_next_acquire_starts_af
 # --- whole proxies -----------------------------------------------------------------------
 
 
-async def get(proxy: Proxy, invoice_id: str, headers: dict[str, str]) -> tuple[int, float]:
-    start = time.monotonic()
-    async with proxy.api.get(invoice_path("acme", invoice_id), headers=headers) as response:
-        await response.read()
-        return response.status, time.monotonic() - start
-
-
 async def flood_and_one(proxy: Proxy, interval_s: float) -> tuple[list[int], int, float]:
     """billing-service asks for 50 new invoices at once; then reporting asks for one."""
-    flood = [asyncio.create_task(get(proxy, f"inv_flood_{i:02d}", BILLING)) for i in range(50)]
+    flood = [asyncio.create_task(get(proxy, f"inv_flood_{i:02d}")) for i in range(50)]
     await asyncio.sleep(3 * interval_s)  # the flood is queued, the burst long spent
-    status, elapsed = await get(proxy, "inv_quiet", REPORTING)
-    statuses = [s for s, _ in await asyncio.gather(*flood)]
-    return statuses, status, elapsed
+    quiet = await timed_get(proxy, "inv_quiet", headers=REPORTING)
+    statuses = [response.status for response in await asyncio.gather(*flood)]
+    return statuses, quiet.response.status, quiet.elapsed
 
 
 async def test_one_callers_flood_does_not_starve_anothers_single_miss_at_the_rate_cap(
@@ -204,15 +194,6 @@ async def test_one_callers_flood_does_not_starve_anothers_single_miss_at_the_rat
     assert set(flood) <= {200, 429}
     assert upstream.standin.stats.requests == flood.count(200) + 1
     assert upstream.standin.stats.requests <= 1 + 5 * total, "the rate cap still holds"
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def test_one_callers_flood_does_not_starve_anothers_single_miss_at_the_fleet_budget(
@@ -230,13 +211,12 @@ async def test_one_callers_flood_does_not_starve_anothers_single_miss_at_the_fle
     assert set(flood) <= {200, 429}
     assert upstream.standin.stats.requests == flood.count(200) + 1
     assert upstream.standin.stats.requests <= 1 + 5 * total, "the fleet budget still holds"
-    metrics = proxy.app[METRICS].registry
-    refused = metrics.get_sample_value("invoice_proxy_fleet_budget_total", {"result": "refused"})
+    refused = metric(proxy, "invoice_proxy_fleet_budget_total", result="refused")
     assert refused == flood.count(429)
 
 
 async def test_default_settings_serve_a_fleet_burst_with_no_429(
-    aiohttp_client: Any, upstream: Upstream, credential_file: Path, redis_server: RedisServer
+    make_proxy: ProxyFactory, upstream: Upstream, credential_file: Path, redis_server: RedisServer
 ) -> None:
     """300 concurrent first requests for 30 invoices over three replicas, defaults only."""
     data = {
@@ -251,20 +231,14 @@ async def test_default_settings_serve_a_fleet_burst_with_no_429(
     for caller in data["callers"]:
         caller["organizations"] = ["acme"]  # type: ignore[index]
     config = parse_config(data)
-    clients: list[TestClient[Any, Any]] = []
-    for _ in range(3):
-        app = init_app(config)
-        clients.append(await aiohttp_client(app))
-        await aiohttp_client(app[ADMIN_APP])
+    replicas = [await make_proxy(config=config) for _ in range(3)]
     ids = [f"inv_burst_{i:02d}" for i in range(30)]
 
     async def one(i: int) -> int:
         # Request i asks for invoice i % 30 on replica (i // 30) % 3, as two callers.
         headers = BILLING if i % 2 else REPORTING
-        client = clients[(i // 30) % 3]
-        async with client.get(invoice_path("acme", ids[i % 30]), headers=headers) as response:
-            await response.read()
-            return response.status
+        response = await get(replicas[(i // 30) % 3], ids[i % 30], headers=headers)
+        return response.status
 
     async with asyncio.timeout(30):
         statuses = await asyncio.gather(*(one(i) for i in range(300)))
@@ -280,15 +254,9 @@ async def test_a_burst_past_the_deadline_gets_429_with_retry_after_at_once(
     # deadline 4 s, timeout 2 s: the wait bound is 2 s, ten requests at 5 a second.
     proxy = await make_proxy(upstream={"rate_per_s": 5.0, "burst": 1})
 
-    async def one(i: int) -> tuple[aiohttp.ClientResponse, float]:
-        start = time.monotonic()
-        response = await proxy.api.get(invoice_path("acme", f"inv_{i:02d}"), headers=BILLING)
-        await response.read()
-        return response, time.monotonic() - start
-
-    results = await asyncio.gather(*(one(i) for i in range(20)))
-    served = [elapsed for response, elapsed in results if response.status == 200]
-    refused = [(r, elapsed) for r, elapsed in results if r.status != 200]
+    results = await asyncio.gather(*(timed_get(proxy, f"inv_{i:02d}") for i in range(20)))
+    served = [t.elapsed for t in results if t.response.status == 200]
+    refused = [(t.response, t.elapsed) for t in results if t.response.status != 200]
     assert 9 <= len(served) <= 12
     assert max(served) <= 2.0 + SLACK_S
     for response, elapsed in refused:

@@ -8,8 +8,15 @@ import time
 from proxy.resilience import CircuitBreaker, CircuitState
 from proxy.standin import Behaviour
 
-from .conftest import REPORTING, FakeClock, ProxyFactory, Upstream, invoice_path
-from .test_api import assert_error
+from .helpers import (
+    REPORTING,
+    FakeClock,
+    ProxyFactory,
+    Upstream,
+    assert_error,
+    invoice_path,
+    metric,
+)
 
 
 def breaker(clock: FakeClock, changes: list[CircuitState] | None = None) -> CircuitBreaker:
@@ -107,13 +114,6 @@ def test_a_probe_that_ends_without_a_verdict_frees_the_slot() -> None:
     assert not circuit.allow()
 
 
-def circuit_state(metrics_page: str) -> float:
-    for line in metrics_page.splitlines():
-        if line.startswith("invoice_proxy_upstream_circuit_state "):
-            return float(line.split()[1])
-    raise AssertionError("invoice_proxy_upstream_circuit_state is missing")
-
-
 async def test_open_circuit_answers_503_at_once_without_calling_planetscale(
     make_proxy: ProxyFactory, upstream: Upstream
 ) -> None:
@@ -123,8 +123,7 @@ async def test_open_circuit_answers_503_at_once_without_calling_planetscale(
         response = await proxy.api.get(invoice_path("acme", f"inv_{i}"), headers=REPORTING)
         await assert_error(response, 502, "upstream_error")
     assert upstream.standin.stats.requests == 3
-    page = await (await proxy.admin.get("/metrics")).text()
-    assert circuit_state(page) == 2
+    assert metric(proxy, "invoice_proxy_upstream_circuit_state") == 2
 
     start = time.monotonic()
     response = await proxy.api.get(invoice_path("acme", "inv_next"), headers=REPORTING)
@@ -138,18 +137,20 @@ async def test_open_circuit_answers_503_at_once_without_calling_planetscale(
 async def test_circuit_half_opens_probes_once_and_closes_on_success(
     make_proxy: ProxyFactory, upstream: Upstream
 ) -> None:
-    proxy = await make_proxy(upstream={"retries": 0, "circuit_failures": 2, "circuit_open_s": 0.3})
+    clock = FakeClock(monotonic=True)
+    proxy = await make_proxy(
+        clock, upstream={"retries": 0, "circuit_failures": 2, "circuit_open_s": 0.3}
+    )
     upstream.standin.behave("*", Behaviour("status", status=503))
     for i in range(2):
         await proxy.api.get(invoice_path("acme", f"inv_{i}"), headers=REPORTING)
-    await asyncio.sleep(0.35)
+    clock.advance(0.35)
 
     # PlanetScale is back, slowly: the probe is in flight while a second request arrives.
     upstream.standin.behave("*", Behaviour("slow", delay_s=0.3))
     probe = asyncio.create_task(proxy.api.get(invoice_path("acme", "inv_probe"), headers=REPORTING))
     await asyncio.sleep(0.1)
-    page = await (await proxy.admin.get("/metrics")).text()
-    assert circuit_state(page) == 1
+    assert metric(proxy, "invoice_proxy_upstream_circuit_state") == 1
     second = await proxy.api.get(invoice_path("acme", "inv_second"), headers=REPORTING)
     await assert_error(second, 503, "unavailable")
     response = await probe
@@ -157,8 +158,7 @@ async def test_circuit_half_opens_probes_once_and_closes_on_success(
     assert upstream.standin.requests_for("inv_probe") == 1
     assert upstream.standin.requests_for("inv_second") == 0
 
-    page = await (await proxy.admin.get("/metrics")).text()
-    assert circuit_state(page) == 0
+    assert metric(proxy, "invoice_proxy_upstream_circuit_state") == 0
     response = await proxy.api.get(invoice_path("acme", "inv_second"), headers=REPORTING)
     assert response.status == 200
 
@@ -166,19 +166,21 @@ async def test_circuit_half_opens_probes_once_and_closes_on_success(
 async def test_failed_probe_opens_the_circuit_again(
     make_proxy: ProxyFactory, upstream: Upstream
 ) -> None:
-    proxy = await make_proxy(upstream={"retries": 0, "circuit_failures": 2, "circuit_open_s": 0.3})
+    clock = FakeClock(monotonic=True)
+    proxy = await make_proxy(
+        clock, upstream={"retries": 0, "circuit_failures": 2, "circuit_open_s": 0.3}
+    )
     upstream.standin.behave("*", Behaviour("reset"))
     for i in range(2):
         await proxy.api.get(invoice_path("acme", f"inv_{i}"), headers=REPORTING)
-    await asyncio.sleep(0.35)
+    clock.advance(0.35)
     response = await proxy.api.get(invoice_path("acme", "inv_probe"), headers=REPORTING)
     await assert_error(response, 502, "upstream_error")
     assert upstream.standin.stats.requests == 3
     response = await proxy.api.get(invoice_path("acme", "inv_after"), headers=REPORTING)
     await assert_error(response, 503, "unavailable")
     assert upstream.standin.stats.requests == 3
-    page = await (await proxy.admin.get("/metrics")).text()
-    assert circuit_state(page) == 2
+    assert metric(proxy, "invoice_proxy_upstream_circuit_state") == 2
 
 
 async def test_planetscale_429_and_404_do_not_open_the_circuit(

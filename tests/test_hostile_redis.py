@@ -15,8 +15,6 @@ import json
 import math
 import struct
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,11 +22,10 @@ import redis.asyncio
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from proxy.app import METRICS
 from proxy.invoice import InvalidInvoice, check_invoice
 from proxy.standin import make_invoice
 
-from .conftest import BILLING, Proxy, ProxyFactory, Upstream, invoice_path
+from .helpers import BILLING, Proxy, ProxyFactory, Upstream, invoice_path, metric
 from .redis_server import RedisServer
 
 LIVE = settings(
@@ -54,24 +51,6 @@ def value_key(invoice_id: str) -> str:
 
 def lock_key(invoice_id: str) -> str:
     return f"{PREFIX}:lock:{{acme:{invoice_id}}}"
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def inspect(redis_server: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
-    client = redis.asyncio.Redis.from_url(redis_server.url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def shared_sections(server: RedisServer, **upstream: Any) -> dict[str, dict[str, Any]]:
@@ -101,10 +80,6 @@ async def fleet(make_proxy: ProxyFactory, redis_server: RedisServer) -> Proxy:
 @pytest.fixture
 async def strict_fleet(make_proxy: ProxyFactory, redis_server: RedisServer) -> Proxy:
     return await make_proxy(**shared_sections(redis_server, strict_schema=True))
-
-
-def metric(proxy: Proxy, name: str, **labels: str) -> float:
-    return proxy.app[METRICS].registry.get_sample_value(name, labels) or 0.0
 
 
 def passes(body: bytes, invoice_id: str, *, strict: bool) -> bool:

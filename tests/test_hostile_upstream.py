@@ -19,10 +19,9 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from proxy.app import METRICS
 from proxy.standin import Behaviour
 
-from .conftest import BILLING, FakeClock, Proxy, ProxyFactory, Upstream, invoice_path
+from .helpers import BILLING, FakeClock, Proxy, ProxyFactory, Upstream, invoice_path, metric
 
 LIVE = settings(
     max_examples=80,
@@ -45,8 +44,7 @@ async def strict_proxy(make_proxy: ProxyFactory) -> Proxy:
 
 
 def invalid_count(proxy: Proxy) -> float:
-    registry = proxy.app[METRICS].registry
-    return registry.get_sample_value("invoice_proxy_upstream_invalid_responses_total") or 0.0
+    return metric(proxy, "invoice_proxy_upstream_invalid_responses_total")
 
 
 # --- the rule, written out again independently of proxy/invoice.py --------------------

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
 import sys
 import tomllib
@@ -19,57 +17,20 @@ from proxy.auth import Authenticator, key_digest
 from proxy.config import CallerConfig, parse_config
 from proxy.standin import Behaviour
 
-from .conftest import (
+from .helpers import (
     ADMIN,
     ADMIN_KEY,
     BILLING,
     BILLING_KEY,
     TOKEN_ID,
+    Served,
     Upstream,
     config_dict,
     invoice_path,
+    served_process,
+    to_toml,
     write_credential,
 )
-from .processes import free_port, free_ports
-
-
-def to_toml(data: dict[str, Any], prefix: str = "") -> str:
-    """Enough TOML for our config dicts (tables, arrays of tables, scalars, lists)."""
-    lines, tables = [], []
-    for key, value in data.items():
-        if isinstance(value, dict):
-            tables.append((key, value))
-        elif isinstance(value, list) and value and isinstance(value[0], dict):
-            for item in value:
-                tables.append((f"[{key}]", item))
-        else:
-            lines.append(f"{key} = {json.dumps(value)}")
-    out = "\n".join(lines) + "\n"
-    for key, value in tables:
-        name = f"{prefix}{key}" if not key.startswith("[") else f"[{prefix}{key[1:-1]}]"
-        out += f"\n[{name}]\n" + to_toml(
-            value, f"{prefix}{key}." if not key.startswith("[") else ""
-        )
-    return out
-
-
-class Served:
-    def __init__(self, process: asyncio.subprocess.Process, port: int, admin_port: int) -> None:
-        self.process = process
-        self.url = f"http://127.0.0.1:{port}"
-        self.admin_url = f"http://127.0.0.1:{admin_port}"
-        self.lines: list[dict[str, Any]] = []
-
-    async def read_until(self, event: str, timeout: float = 15.0) -> dict[str, Any]:
-        assert self.process.stdout is not None
-        async with asyncio.timeout(timeout):
-            while True:
-                raw = await self.process.stdout.readline()
-                assert raw, f"process ended before {event!r}"
-                line = json.loads(raw)
-                self.lines.append(line)
-                if line["event"] == event:
-                    return line
 
 
 @pytest.fixture
@@ -81,31 +42,21 @@ async def served(
     override them."""
     sections = dict(getattr(request, "param", {}))
     server = sections.pop("server", {})
-    port, admin_port = free_port(), free_ports(server.get("workers", 1))
     if "credential" in sections:
         sections["credential"]["file"]["path"] = str(credential_file)
-    data = config_dict(
-        upstream.base_url,
-        credential_file,
-        server={"port": port, "admin_port": admin_port, **server},
-        **sections,
-    )
-    path = tmp_path / "config.toml"
-    path.write_text(to_toml(data))
-    assert tomllib.loads(path.read_text())["server"]["port"] == port
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "--config", str(path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
-    )  # fmt: skip
-    served = Served(process, port, admin_port)
-    served.config_path = path  # type: ignore[attr-defined]
-    try:
+
+    def data(ports: dict[str, Any]) -> dict[str, Any]:
+        return config_dict(
+            upstream.base_url, credential_file, server={**ports, **server}, **sections
+        )
+
+    async with served_process(
+        data, tmp_path, workers=server.get("workers", 1), capture_stderr=True
+    ) as served:
+        port = int(served.url.rsplit(":", 1)[1])
+        assert tomllib.loads(served.config_path.read_text())["server"]["port"] == port
         await served.read_until("started")
         yield served
-    finally:
-        if process.returncode is None:
-            os.killpg(process.pid, signal.SIGKILL)  # the workers too, whatever happened
-        await asyncio.wait_for(process.wait(), timeout=10)
 
 
 async def stop(served: Served) -> str:
@@ -140,7 +91,7 @@ async def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(
 async def test_sighup_reloads_caller_keys_and_keeps_running_on_a_bad_file(
     served: Served,
 ) -> None:
-    path: Path = served.config_path  # type: ignore[attr-defined]
+    path = served.config_path
     new_key = "rotated-billing-key-0123456789abcdefghijklmnop"
     async with aiohttp.ClientSession() as session:
         url = served.url + invoice_path()
@@ -204,7 +155,7 @@ NOT_A_CONFIG = {
 async def test_sighup_with_a_file_that_is_not_a_configuration_logs_one_line_and_serves_on(
     served: Served, name: str
 ) -> None:
-    path: Path = served.config_path  # type: ignore[attr-defined]
+    path = served.config_path
     content, problem = NOT_A_CONFIG[name]
     path.write_bytes(content)
     served.process.send_signal(signal.SIGHUP)
@@ -222,7 +173,7 @@ async def test_sighup_with_a_file_that_is_not_a_configuration_logs_one_line_and_
 
 
 async def test_sighup_reloads_the_admin_keys(served: Served) -> None:
-    path: Path = served.config_path  # type: ignore[attr-defined]
+    path = served.config_path
     new_admin = {"Authorization": f"Bearer {NEW_ADMIN_KEY}"}
     purge = served.admin_url + "/cache/organizations/acme/invoices/inv_2025_01"
     async with aiohttp.ClientSession() as session:

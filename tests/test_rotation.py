@@ -8,25 +8,20 @@ in test_vault.py).
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
-from aiohttp.test_utils import TestClient
 
-from proxy.app import CREDENTIALS, init_app
-from proxy.config import parse_config
+from proxy.app import CREDENTIALS
 from proxy.credential import Credential, FileSource
 
-from .conftest import (
-    BILLING,
+from .helpers import (
+    Proxy,
     ProxyFactory,
     Upstream,
-    config_dict,
-    invoice_path,
+    get,
+    wait_until,
     write_credential,
 )
 
@@ -35,17 +30,8 @@ NEW_TOKEN = "pscale_tkn_NEWSECRETVALUE0123456789abcdefABC"
 NEW_HEADER = f"{NEW_TOKEN_ID}:{NEW_TOKEN}"
 
 
-async def get(api: TestClient[web.Request, web.Application], invoice_id: str) -> int:
-    async with api.get(invoice_path("acme", invoice_id), headers=BILLING) as response:
-        await response.read()
-        return response.status
-
-
-async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
+async def status(proxy: Proxy, invoice_id: str) -> int:
+    return (await get(proxy, invoice_id)).status
 
 
 def header_in_use(app: web.Application) -> str | None:
@@ -58,7 +44,7 @@ async def test_fetches_that_waited_for_the_rate_cap_send_the_token_current_then(
 ) -> None:
     """Ten fetches queue for the rate cap; the token rotates and the old one is revoked."""
     proxy = await make_proxy(upstream={"rate_per_s": 5.0, "burst": 1, "deadline_s": 10.0})
-    waiting = [asyncio.create_task(get(proxy.api, f"inv_q{i}")) for i in range(10)]
+    waiting = [asyncio.create_task(status(proxy, f"inv_q{i}")) for i in range(10)]
     await wait_until(lambda: upstream.standin.stats.requests >= 1, "the first request")
     write_credential(credential_file, NEW_TOKEN_ID, NEW_TOKEN)
     await wait_until(lambda: header_in_use(proxy.app) == NEW_HEADER, "the refresher")
@@ -84,21 +70,20 @@ class SlowFile(FileSource):
 
 
 async def test_sends_during_a_reload_after_a_refusal_wait_for_it(
-    aiohttp_client: Any, upstream: Upstream, credential_file: Path
+    make_proxy: ProxyFactory, upstream: Upstream, credential_file: Path
 ) -> None:
     """The first 401 starts a reload (0.3 s); the 20 misses sent meanwhile wait for it."""
     source = SlowFile(credential_file, 0.3)
-    app = init_app(parse_config(config_dict(upstream.base_url, credential_file)), source=source)
-    api = await aiohttp_client(app)
-    assert await get(api, "inv_before") == 200
+    proxy = await make_proxy(source=source)
+    assert await status(proxy, "inv_before") == 200
 
     write_credential(credential_file, NEW_TOKEN_ID, NEW_TOKEN)  # the refresher sleeps on
     upstream.standin.accept_only(NEW_HEADER)
-    first = asyncio.create_task(get(api, "inv_first"))
+    first = asyncio.create_task(status(proxy, "inv_first"))
     await wait_until(lambda: upstream.standin.stats.unauthorized == 1, "the first refusal")
-    rest = [asyncio.create_task(get(api, f"inv_next{i}")) for i in range(20)]
+    rest = [asyncio.create_task(status(proxy, f"inv_next{i}")) for i in range(20)]
     statuses = await asyncio.gather(first, *rest)
     assert Counter(statuses) == {200: 21}
     assert upstream.standin.stats.unauthorized == 1, "one refused request for the rotation"
     assert source.forced == 2, "the first load and one reload"
-    assert header_in_use(app) == NEW_HEADER
+    assert header_in_use(proxy.app) == NEW_HEADER

@@ -9,7 +9,7 @@ import pytest
 
 from proxy.standin import Behaviour
 
-from .conftest import BILLING, ProxyFactory, Upstream, invoice_path
+from .helpers import BILLING, ProxyFactory, Upstream, invoice_path
 
 GOOD = {
     "id": "inv_1",

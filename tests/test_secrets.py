@@ -17,7 +17,7 @@ from proxy import logging as proxy_logging
 from proxy.app import CREDENTIALS
 from proxy.standin import Behaviour
 
-from .conftest import (
+from .helpers import (
     ADMIN,
     BILLING,
     REPORTING,

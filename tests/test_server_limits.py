@@ -5,57 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import pytest
-from aiohttp import web
-
-from proxy.app import ADMIN_APP, init_app
-from proxy.config import parse_config
-from proxy.server import ProxyRunner
 from proxy.standin import Behaviour
 
-from .conftest import REPORTING_KEY, Upstream, config_dict, invoice_path
+from .helpers import REPORTING_KEY, ProxyFactory, Upstream, invoice_path
 
 MARGIN_S = 0.5
 AUTH = f"Authorization: Bearer {REPORTING_KEY}\r\n"
-
-
-@dataclass
-class Listener:
-    """A proxy served by ProxyRunner on 127.0.0.1 (API and admin), with its app."""
-
-    port: int
-    admin_port: int
-    app: web.Application
-
-
-ListenerFactory = Callable[..., Awaitable[Listener]]
-
-
-@pytest.fixture
-async def make_listener(
-    upstream: Upstream, credential_file: Path
-) -> AsyncIterator[ListenerFactory]:
-    runners: list[ProxyRunner] = []
-
-    async def make(**server: Any) -> Listener:
-        config = parse_config(config_dict(upstream.base_url, credential_file, server=server))
-        app = init_app(config)
-        ports = []
-        for served in (app, app[ADMIN_APP]):
-            runner = ProxyRunner(served, config.server)
-            await runner.setup()
-            runners.append(runner)
-            ports.append(await runner.listen("127.0.0.1", 0))
-        return Listener(ports[0], ports[1], app)
-
-    yield make
-    for runner in reversed(runners):
-        await runner.cleanup()
 
 
 @dataclass
@@ -136,36 +95,36 @@ def assert_json_error(raw: Raw, status: int, code: str) -> None:
     assert raw.headers["x-request-id"]
 
 
-async def test_invoice_is_served_by_the_real_listener(make_listener: ListenerFactory) -> None:
-    listener = await make_listener()
+async def test_invoice_is_served_by_the_real_listener(make_proxy: ProxyFactory) -> None:
+    listener = await make_proxy(listen=True)
     raw = await exchange(listener.port, request(invoice_path()))
     assert raw.status == 200
     assert json.loads(raw.body)["id"] == "inv_2025_01"
 
 
-async def test_over_long_request_line_is_400_json(make_listener: ListenerFactory) -> None:
-    listener = await make_listener(max_line_size=1024)
+async def test_over_long_request_line_is_400_json(make_proxy: ProxyFactory) -> None:
+    listener = await make_proxy(listen=True, server={"max_line_size": 1024})
     async with connect(listener.port) as (reader, writer):
         writer.write(request(invoice_path("acme", "a" * 2000)))
         assert_json_error(await read_response(reader), 400, "invalid_request")
         assert await closed_within(reader, 1.0), "the stream cannot be trusted after it"
 
 
-async def test_too_many_headers_is_400_json(make_listener: ListenerFactory) -> None:
-    listener = await make_listener(max_headers=8)
+async def test_too_many_headers_is_400_json(make_proxy: ProxyFactory) -> None:
+    listener = await make_proxy(listen=True, server={"max_headers": 8})
     extra = "".join(f"X-Filler-{i}: {i}\r\n" for i in range(20))
     raw = await exchange(listener.port, request(invoice_path(), extra=extra))
     assert_json_error(raw, 400, "invalid_request")
 
 
-async def test_over_long_header_is_400_json(make_listener: ListenerFactory) -> None:
-    listener = await make_listener(max_field_size=1024)
+async def test_over_long_header_is_400_json(make_proxy: ProxyFactory) -> None:
+    listener = await make_proxy(listen=True, server={"max_field_size": 1024})
     raw = await exchange(listener.port, request(invoice_path(), extra=f"X-Big: {'b' * 2000}\r\n"))
     assert_json_error(raw, 400, "invalid_request")
 
 
-async def test_unparseable_request_line_is_400_json(make_listener: ListenerFactory) -> None:
-    listener = await make_listener()
+async def test_unparseable_request_line_is_400_json(make_proxy: ProxyFactory) -> None:
+    listener = await make_proxy(listen=True)
     for line in (
         b"HELLO\r\n\r\n",
         b"GET /\x00 HTTP/1.1\r\n\r\n",
@@ -175,10 +134,10 @@ async def test_unparseable_request_line_is_400_json(make_listener: ListenerFacto
 
 
 async def test_protocol_error_body_never_echoes_the_request(
-    make_listener: ListenerFactory,
+    make_proxy: ProxyFactory,
 ) -> None:
     """aiohttp's own message quotes the offending bytes; a key there would leak."""
-    listener = await make_listener()
+    listener = await make_proxy(listen=True)
     secret = "Bearer leaked-KEY-0123456789"
     raw = await exchange(
         listener.port, f"GET / HTTP/1.1\r\nAuthorization: {secret}\x01\r\n\r\n".encode()
@@ -188,9 +147,11 @@ async def test_protocol_error_body_never_echoes_the_request(
 
 
 async def test_slow_client_trickling_headers_is_cut_at_request_timeout(
-    make_listener: ListenerFactory,
+    make_proxy: ProxyFactory,
 ) -> None:
-    listener = await make_listener(request_timeout_s=0.5, keepalive_timeout_s=30)
+    listener = await make_proxy(
+        listen=True, server={"request_timeout_s": 0.5, "keepalive_timeout_s": 30}
+    )
     data = request(invoice_path())
     async with connect(listener.port) as (reader, writer):
         start = asyncio.get_running_loop().time()
@@ -213,17 +174,21 @@ async def test_slow_client_trickling_headers_is_cut_at_request_timeout(
 
 
 async def test_connection_that_sends_nothing_is_closed_at_request_timeout(
-    make_listener: ListenerFactory,
+    make_proxy: ProxyFactory,
 ) -> None:
-    listener = await make_listener(request_timeout_s=0.3, keepalive_timeout_s=30)
+    listener = await make_proxy(
+        listen=True, server={"request_timeout_s": 0.3, "keepalive_timeout_s": 30}
+    )
     async with connect(listener.port) as (reader, _):
         assert await closed_within(reader, 0.3 + MARGIN_S)
 
 
 async def test_idle_keep_alive_connection_is_closed_at_keepalive_timeout(
-    make_listener: ListenerFactory,
+    make_proxy: ProxyFactory,
 ) -> None:
-    listener = await make_listener(keepalive_timeout_s=0.3, request_timeout_s=30)
+    listener = await make_proxy(
+        listen=True, server={"keepalive_timeout_s": 0.3, "request_timeout_s": 30}
+    )
     async with connect(listener.port) as (reader, writer):
         writer.write(request(invoice_path()))
         assert (await read_response(reader)).status == 200
@@ -231,10 +196,10 @@ async def test_idle_keep_alive_connection_is_closed_at_keepalive_timeout(
 
 
 async def test_slow_upstream_is_not_cut_by_the_head_timer(
-    make_listener: ListenerFactory, upstream: Upstream
+    make_proxy: ProxyFactory, upstream: Upstream
 ) -> None:
     """request_timeout_s bounds the request head; a slow upstream is the deadline's job."""
-    listener = await make_listener(request_timeout_s=0.3)
+    listener = await make_proxy(listen=True, server={"request_timeout_s": 0.3})
     upstream.standin.behave("inv_slow", Behaviour("slow", delay_s=0.6))
     async with connect(listener.port) as (reader, writer):
         writer.write(request(invoice_path("acme", "inv_slow")))
@@ -242,9 +207,9 @@ async def test_slow_upstream_is_not_cut_by_the_head_timer(
 
 
 async def test_keep_alive_serves_requests_one_after_another(
-    make_listener: ListenerFactory,
+    make_proxy: ProxyFactory,
 ) -> None:
-    listener = await make_listener(request_timeout_s=0.3)
+    listener = await make_proxy(listen=True, server={"request_timeout_s": 0.3})
     async with connect(listener.port) as (reader, writer):
         for i in range(3):
             writer.write(request(invoice_path("acme", f"inv_{i}")))
@@ -252,8 +217,8 @@ async def test_keep_alive_serves_requests_one_after_another(
             await asyncio.sleep(0.2)  # idle gaps add up past request_timeout_s
 
 
-async def test_pipelined_requests_are_answered_in_order(make_listener: ListenerFactory) -> None:
-    listener = await make_listener()
+async def test_pipelined_requests_are_answered_in_order(make_proxy: ProxyFactory) -> None:
+    listener = await make_proxy(listen=True)
     async with connect(listener.port) as (reader, writer):
         writer.write(b"".join(request(invoice_path("acme", f"inv_{i}")) for i in range(3)))
         for i in range(3):
@@ -262,9 +227,9 @@ async def test_pipelined_requests_are_answered_in_order(make_listener: ListenerF
 
 
 async def test_connection_beyond_max_connections_is_closed(
-    make_listener: ListenerFactory,
+    make_proxy: ProxyFactory,
 ) -> None:
-    listener = await make_listener(max_connections=5)
+    listener = await make_proxy(listen=True, server={"max_connections": 5})
     async with contextlib.AsyncExitStack() as stack:
         held = [await stack.enter_async_context(connect(listener.port)) for _ in range(5)]
         for reader, writer in held:
@@ -297,8 +262,8 @@ async def test_connection_beyond_max_connections_is_closed(
             raise AssertionError("no room after a connection closed")
 
 
-async def test_head_answers_the_headers_and_no_body(make_listener: ListenerFactory) -> None:
-    listener = await make_listener()
+async def test_head_answers_the_headers_and_no_body(make_proxy: ProxyFactory) -> None:
+    listener = await make_proxy(listen=True)
     async with connect(listener.port) as (reader, writer):
         writer.write(request(invoice_path(), method="HEAD"))
         raw = await read_response(reader, head=True)
@@ -310,8 +275,8 @@ async def test_head_answers_the_headers_and_no_body(make_listener: ListenerFacto
         assert (await read_response(reader)).status == 200
 
 
-async def test_head_of_an_error_has_no_body(make_listener: ListenerFactory) -> None:
-    listener = await make_listener()
+async def test_head_of_an_error_has_no_body(make_proxy: ProxyFactory) -> None:
+    listener = await make_proxy(listen=True)
     async with connect(listener.port) as (reader, writer):
         writer.write(request(invoice_path(), method="HEAD", auth=False))
         raw = await read_response(reader, head=True)
@@ -320,15 +285,15 @@ async def test_head_of_an_error_has_no_body(make_listener: ListenerFactory) -> N
         assert (await read_response(reader)).status == 200
 
 
-async def test_unknown_paths_are_404_json(make_listener: ListenerFactory) -> None:
-    listener = await make_listener()
+async def test_unknown_paths_are_404_json(make_proxy: ProxyFactory) -> None:
+    listener = await make_proxy(listen=True)
     for path in ("/", "/v1", "/v1/organizations/acme/invoices", "/../../etc/passwd", "/%2e%2e/"):
         assert_json_error(await exchange(listener.port, request(path)), 404, "not_found")
     assert_json_error(await exchange(listener.admin_port, request("/nope")), 404, "not_found")
 
 
-async def test_other_methods_are_405_json_with_allow(make_listener: ListenerFactory) -> None:
-    listener = await make_listener()
+async def test_other_methods_are_405_json_with_allow(make_proxy: ProxyFactory) -> None:
+    listener = await make_proxy(listen=True)
     for method in ("POST", "PUT", "DELETE", "OPTIONS", "TRACE", "CONNECT"):
         path = "proxy:443" if method == "CONNECT" else invoice_path()
         extra = "Content-Length: 0\r\n" if method in ("POST", "PUT") else ""
@@ -340,10 +305,8 @@ async def test_other_methods_are_405_json_with_allow(make_listener: ListenerFact
         assert set(raw.headers["allow"].replace(" ", "").split(",")) == {"GET", "HEAD"}
 
 
-async def test_get_with_a_body_is_400_json(
-    make_listener: ListenerFactory, upstream: Upstream
-) -> None:
-    listener = await make_listener()
+async def test_get_with_a_body_is_400_json(make_proxy: ProxyFactory, upstream: Upstream) -> None:
+    listener = await make_proxy(listen=True)
     for extra, body in (
         ("Content-Length: 2\r\n", b"{}"),
         ("Transfer-Encoding: chunked\r\n", b"2\r\n{}\r\n0\r\n\r\n"),
@@ -354,9 +317,9 @@ async def test_get_with_a_body_is_400_json(
     assert upstream.standin.stats.requests == 0
 
 
-async def test_request_smuggling_headers_are_refused(make_listener: ListenerFactory) -> None:
+async def test_request_smuggling_headers_are_refused(make_proxy: ProxyFactory) -> None:
     """Both Content-Length and Transfer-Encoding, or two lengths: refused, not guessed."""
-    listener = await make_listener()
+    listener = await make_proxy(listen=True)
     for extra in (
         "Content-Length: 4\r\nTransfer-Encoding: chunked\r\n",
         "Content-Length: 0\r\nContent-Length: 5\r\n",
@@ -366,9 +329,9 @@ async def test_request_smuggling_headers_are_refused(make_listener: ListenerFact
 
 
 async def test_an_unknown_expectation_is_417_json_that_does_not_echo_it(
-    make_listener: ListenerFactory, upstream: Upstream
+    make_proxy: ProxyFactory, upstream: Upstream
 ) -> None:
-    listener = await make_listener()
+    listener = await make_proxy(listen=True)
     for port, path in ((listener.port, invoice_path()), (listener.admin_port, "/healthz")):
         raw = await exchange(port, request(path, extra="Expect: secret-KEY-0123456789\r\n"))
         assert_json_error(raw, 417, "invalid_request")
@@ -376,8 +339,8 @@ async def test_an_unknown_expectation_is_417_json_that_does_not_echo_it(
     assert upstream.standin.stats.requests == 0
 
 
-async def test_expect_100_continue_is_still_served(make_listener: ListenerFactory) -> None:
-    listener = await make_listener()
+async def test_expect_100_continue_is_still_served(make_proxy: ProxyFactory) -> None:
+    listener = await make_proxy(listen=True)
     async with connect(listener.port) as (reader, writer):
         writer.write(request(invoice_path(), extra="Expect: 100-continue\r\n"))
         await writer.drain()
@@ -387,10 +350,10 @@ async def test_expect_100_continue_is_still_served(make_listener: ListenerFactor
 
 
 async def test_an_unknown_method_token_is_405_json_with_allow(
-    make_listener: ListenerFactory,
+    make_proxy: ProxyFactory,
 ) -> None:
     """llhttp refuses methods it does not know; a well-formed token is still a method."""
-    listener = await make_listener()
+    listener = await make_proxy(listen=True)
     for method in ("FOO", "BREW", "X-CUSTOM"):
         raw = await exchange(listener.port, request(invoice_path(), method=method))
         assert_json_error(raw, 405, "method_not_allowed")
@@ -401,11 +364,11 @@ async def test_an_unknown_method_token_is_405_json_with_allow(
 
 
 async def test_a_complete_request_before_a_malformed_one_in_one_read_is_lost(
-    make_listener: ListenerFactory, upstream: Upstream
+    make_proxy: ProxyFactory, upstream: Upstream
 ) -> None:
     """Documented aiohttp limit: its parser raises for the whole read, so only the 400 is
     answered, and the connection is closed (the client sees its request unanswered)."""
-    listener = await make_listener()
+    listener = await make_proxy(listen=True)
     async with connect(listener.port) as (reader, writer):
         writer.write(request(invoice_path()) + b"GET /\x00 HTTP/1.1\r\n\r\n")
         await writer.drain()

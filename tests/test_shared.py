@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import signal
-import socket
 import sys
 import time
 import tomllib
@@ -27,7 +25,6 @@ import redis.asyncio
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from proxy.app import METRICS
 from proxy.config import ConfigError, SharedConfig, UpstreamConfig, parse_config, parse_section
 from proxy.metrics import SharedMetrics
 from proxy.redis_connection import make_client
@@ -41,33 +38,26 @@ from proxy.shared import (
 from proxy.standin import Behaviour
 from proxy.workers import worker_config
 
-from . import test_deploy as deploy
-from .conftest import BILLING, Proxy, ProxyFactory, Upstream, config_dict, invoice_path
-from .processes import free_port
+from . import manifests
+from .helpers import (
+    ADMIN,
+    BILLING,
+    FakeClock,
+    Proxy,
+    ProxyFactory,
+    Served,
+    Upstream,
+    config_dict,
+    get,
+    invoice_path,
+    metric,
+    scraped,
+    served_process,
+)
 from .redis_server import RedisServer
-from .test_process import Served, to_toml
 
 BODY = b'{"id": "inv_1", "total": 1.5}'
 REDIS_PASSWORD = "redis-PASSWORD-0123456789abcdefghijklmnopqrstuv"
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def inspect(redis_server: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
-    """A plain client to look at what the proxy stored."""
-    client = redis.asyncio.Redis.from_url(redis_server.url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 FLEET_KEYS = ("fleet_rate_per_minute", "fleet_burst", "fleet_max_wait_s")
@@ -93,10 +83,6 @@ def opened(store: SharedStore) -> AbstractAsyncContextManager[None]:
 def new_store(config: Fleet) -> tuple[SharedStore, CollectorRegistry]:
     registry = CollectorRegistry()
     return SharedStore(make_client(config[0]), *config, SharedMetrics(registry)), registry
-
-
-def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    return registry.get_sample_value(name, labels) or 0.0
 
 
 # --- configuration -----------------------------------------------------------------
@@ -391,7 +377,7 @@ async def test_wrong_password_is_an_outage_whose_log_never_shows_a_password(
     assert [line["event"] for line in logs] == ["shared_store_unavailable"]
     assert logs[0]["error"] == "AuthenticationError"
     assert REDIS_PASSWORD not in repr(logs)
-    assert sample(registry, "invoice_proxy_shared_store_up") == 0
+    assert metric(registry, "invoice_proxy_shared_store_up") == 0
 
 
 # --- outages -------------------------------------------------------------------------
@@ -410,10 +396,10 @@ async def test_stopped_redis_costs_one_probe_per_interval_and_one_log_line(
                 with pytest.raises(Unavailable):
                     await store.claim("acme", "inv_1", "t")
                 await asyncio.sleep(0.01)
-            errors = sample(registry, "invoice_proxy_shared_store_errors_total", operation="claim")
+            errors = metric(registry, "invoice_proxy_shared_store_errors_total", operation="claim")
             assert 3 <= errors <= 3 + 3, "3 failures open it, then one probe each 0.2 s"
             assert not store.available
-            assert sample(registry, "invoice_proxy_shared_store_up") == 0
+            assert metric(registry, "invoice_proxy_shared_store_up") == 0
 
             redis_server.start()
             start = time.monotonic()
@@ -425,7 +411,7 @@ async def test_stopped_redis_costs_one_probe_per_interval_and_one_log_line(
                     assert time.monotonic() - start < 1.0, "not back within a probe interval"
                     await asyncio.sleep(0.02)
             assert store.available
-            assert sample(registry, "invoice_proxy_shared_store_up") == 1
+            assert metric(registry, "invoice_proxy_shared_store_up") == 1
     events = [line["event"] for line in logs]
     assert events == [
         "shared_store_connected",
@@ -504,16 +490,6 @@ def fleet_sections(server: RedisServer, **values: Any) -> dict[str, dict[str, An
     return {"shared": shared, "upstream": fleet}
 
 
-async def get(proxy: Proxy, invoice_id: str) -> aiohttp.ClientResponse:
-    response = await proxy.api.get(invoice_path("acme", invoice_id), headers=BILLING)
-    await response.read()
-    return response
-
-
-def metric(proxy: Proxy, name: str, **labels: str) -> float:
-    return proxy.app[METRICS].registry.get_sample_value(name, labels) or 0.0
-
-
 def shared_lookups(proxies: list[Proxy], result: str) -> float:
     return sum(
         metric(p, "invoice_proxy_shared_cache_lookups_total", result=result) for p in proxies
@@ -565,14 +541,15 @@ async def test_shared_answer_keeps_the_lifetimes_of_the_first_fetch(
     make_proxy: ProxyFactory, redis_server: RedisServer
 ) -> None:
     """A replica that reads an open invoice from Redis keeps it only as long as its writer."""
-    first = await make_proxy(**fleet_sections(redis_server))
-    second = await make_proxy(**fleet_sections(redis_server))
+    clock = FakeClock()  # wall time, which both replicas read; Redis's expiry stays real
+    first = await make_proxy(clock, **fleet_sections(redis_server))
+    second = await make_proxy(clock, **fleet_sections(redis_server))
 
     def max_age(response: aiohttp.ClientResponse) -> int:
         return int(response.headers["Cache-Control"].removeprefix("private, max-age="))
 
     assert 299 <= max_age(await get(first, "open-1")) <= 300
-    await asyncio.sleep(1.1)
+    clock.advance(1.1)
     response = await get(second, "open-1")
     assert response.headers["X-Cache"] == "MISS"  # a local miss, served from Redis
     assert 297 <= max_age(response) <= 298, "not a fresh 300 s from the second replica"
@@ -684,8 +661,6 @@ async def test_hung_redis_adds_at_most_its_timeout_to_a_miss(
 async def test_purge_drops_the_shared_copy_too(
     make_proxy: ProxyFactory, upstream: Upstream, redis_server: RedisServer
 ) -> None:
-    from .conftest import ADMIN
-
     one = await make_proxy(**fleet_sections(redis_server))
     two = await make_proxy(**fleet_sections(redis_server))
     await get(one, "inv_1")
@@ -698,42 +673,20 @@ async def test_purge_drops_the_shared_copy_too(
 # --- real processes ------------------------------------------------------------------
 
 
-def free_ports(count: int) -> int:
-    """The first of `count` consecutive free ports (the workers' admin ports)."""
-    for _ in range(50):
-        first = free_port()
-        try:
-            for port in range(first + 1, first + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return first
-    raise RuntimeError(f"no {count} consecutive free ports")
-
-
 @asynccontextmanager
 async def serve_process(
     stand_in: Upstream, credential_file: Path, tmp_path: Path, **sections: dict[str, Any]
 ) -> AsyncIterator[Served]:
     """`python -m proxy serve` on free ports with `sections` over the test configuration."""
-    workers = sections.get("server", {}).get("workers", 1)
-    port, admin_port = free_port(), free_ports(workers)
-    server = {"port": port, "admin_port": admin_port, **sections.pop("server", {})}
-    data = config_dict(stand_in.base_url, credential_file, server=server, **sections)
-    path = tmp_path / f"config-{port}.toml"
-    path.write_text(to_toml(data))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "--config", str(path),
-        stdout=asyncio.subprocess.PIPE, start_new_session=True,
-    )  # fmt: skip
-    served = Served(process, port, admin_port)
-    try:
+    server = sections.pop("server", {})
+
+    def data(ports: dict[str, Any]) -> dict[str, Any]:
+        return config_dict(
+            stand_in.base_url, credential_file, server={**ports, **server}, **sections
+        )
+
+    async with served_process(data, tmp_path, workers=server.get("workers", 1)) as served:
         yield served
-    finally:
-        if process.returncode is None:
-            os.killpg(process.pid, signal.SIGKILL)  # the workers too, whatever happened
-        await asyncio.wait_for(process.wait(), timeout=10)
 
 
 SUPERVISED = """
@@ -845,7 +798,12 @@ async def test_two_workers_serve_one_port_with_per_process_metrics(
             async with session.get(admin + "/metrics") as response:
                 text = await response.text()
             served_by.append(
-                _sample(text, 'invoice_proxy_requests_total{caller="billing-service",code="200"}')
+                metric(
+                    scraped(text),
+                    "invoice_proxy_requests_total",
+                    caller="billing-service",
+                    code="200",
+                )
             )
         assert sum(served_by) == 100 and all(n > 0 for n in served_by), served_by
         assert upstream.standin.requests_for("inv_1") == 1, "the workers share Redis"
@@ -857,20 +815,13 @@ async def test_two_workers_serve_one_port_with_per_process_metrics(
         ], "each line whole (two processes write to one pipe) and both workers exit 0"
 
 
-def _sample(exposition: str, series: str) -> float:
-    for line in exposition.splitlines():
-        if line.startswith(series + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 # --- the Kubernetes overlay ----------------------------------------------------------
 
 
 def test_redis_overlay_reads_the_password_from_the_secret_and_autoscales() -> None:
-    objects = deploy.render("overlays/redis")
+    objects = manifests.render("overlays/redis")
     by_kind_name = {(o["kind"], o["metadata"]["name"]): o for o in objects}
-    config = deploy.rendered_config(objects)
+    config = manifests.rendered_config(objects)
     proxy = by_kind_name[("Deployment", "invoice-proxy")]
     pod = proxy["spec"]["template"]["spec"]
     container = next(c for c in pod["containers"] if c["name"] == "invoice-proxy")
@@ -917,9 +868,9 @@ def test_redis_overlay_reads_the_password_from_the_secret_and_autoscales() -> No
 
 def test_redis_overlay_config_is_the_base_plus_shared() -> None:
     """Like vault-direct: everything but [shared] and the per-replica cap stays in step."""
-    base = tomllib.loads((deploy.KUSTOMIZE / "base" / "config.toml").read_text())
+    base = tomllib.loads((manifests.KUSTOMIZE / "base" / "config.toml").read_text())
     redis_config = tomllib.loads(
-        (deploy.KUSTOMIZE / "overlays" / "redis" / "config.toml").read_text()
+        (manifests.KUSTOMIZE / "overlays" / "redis" / "config.toml").read_text()
     )
     redis_config.pop("shared")
     for config in (base, redis_config):
@@ -950,8 +901,6 @@ async def test_purge_during_a_fleet_fetch_does_not_store_the_purged_answer(
     redis_server: RedisServer,
     inspect: redis.asyncio.Redis,
 ) -> None:
-    from .conftest import ADMIN
-
     one = await make_proxy(**fleet_sections(redis_server))
     two = await make_proxy(**fleet_sections(redis_server))
     upstream.standin.behave("inv_1", Behaviour("slow", delay_s=0.4, times=1))
@@ -972,8 +921,6 @@ async def test_purge_during_a_fleet_fetch_does_not_store_the_purged_answer(
 async def test_purge_with_redis_down_is_503_saying_the_fleet_copy_may_remain(
     make_proxy: ProxyFactory, redis_server: RedisServer, outage: str
 ) -> None:
-    from .conftest import ADMIN
-
     proxy = await make_proxy(**fleet_sections(redis_server, timeout_s=0.1))
     await get(proxy, "inv_1")
     if outage == "stopped":

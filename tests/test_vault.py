@@ -12,7 +12,7 @@ import secrets
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +20,23 @@ import pytest
 import structlog
 from aiohttp import web
 
-from proxy.app import ADMIN_APP, CREDENTIALS, init_app
+from proxy.app import CREDENTIALS
 from proxy.config import UpstreamConfig, VaultConfig, parse_config
 from proxy.credential import Credential, CredentialError, CredentialStore, running
 from proxy.metrics import Metrics
 from proxy.vault import VaultSource
 
-from .conftest import BILLING, FakeClock, Upstream, config_dict, invoice_path
+from .helpers import (
+    BILLING,
+    FakeClock,
+    ProxyFactory,
+    Upstream,
+    config_dict,
+    invoice_path,
+    metric,
+    scraped,
+    wait_until,
+)
 from .openbao import (
     OpenBao,
     TokenReviewStandIn,
@@ -140,27 +150,12 @@ def events(logs: list[MutableMapping[str, Any]], name: str) -> list[MutableMappi
     return [e for e in logs if e["event"] == name]
 
 
-async def wait_for(condition: Callable[[], bool], what: str) -> None:
-    async with asyncio.timeout(WAIT_S):
-        # Polling: the condition is state of the store or metrics, nothing to wait on.
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-    assert condition(), what
-
-
 def version_of(store: CredentialStore) -> int | None:
     return None if store.current is None else store.current.version
 
 
 async def wait_for_version(store: CredentialStore, version: int) -> None:
-    await wait_for(lambda: version_of(store) == version, f"version {version} in use")
-
-
-def metric(metrics: Metrics, line_start: str) -> float:
-    for line in metrics.exposition().decode().splitlines():
-        if line.startswith(line_start + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"no metric line {line_start}")
+    await wait_until(lambda: version_of(store) == version, f"version {version} in use", WAIT_S)
 
 
 # -- reading and rotation ---------------------------------------------------------------
@@ -508,11 +503,16 @@ async def test_an_outage_keeps_the_last_credential_counts_failures_and_recovers(
     config = dataclasses.replace(config, refresh_interval_s=0.1, timeout_s=0.3)
     metrics = Metrics()
     store = CredentialStore(VaultSource(config), metrics, max_backoff_s=0.5)
-    failures = 'invoice_proxy_credential_reloads_total{result="failure"}'
     async with running(store):
         assert store.current is not None and store.current.version == 1
         with openbao.paused():
-            await wait_for(lambda: metric(metrics, failures) >= 2, "failures counted")
+            await wait_until(
+                lambda: (
+                    metric(metrics, "invoice_proxy_credential_reloads_total", result="failure") >= 2
+                ),
+                "failures counted",
+                WAIT_S,
+            )
             assert store.current is not None and store.current.token == first["token"]
             assert metric(metrics, "invoice_proxy_credential_loaded") == 1
         second = planetscale_token()
@@ -536,7 +536,7 @@ async def test_starting_while_vault_is_down_becomes_ready_by_itself(
             assert store.current is None
             assert "did not answer" in store.not_ready_reason
             openbao.resume()
-            await wait_for(lambda: store.current is not None, "ready once Vault answers")
+            await wait_until(lambda: store.current is not None, "ready once Vault answers", WAIT_S)
     assert store.current is not None and store.current.token == token["token"]
     assert store.not_ready_reason == ""
 
@@ -727,7 +727,7 @@ def upstream_header(token: dict[str, str]) -> str:
 async def test_rotations_under_load_fail_no_caller_request(
     openbao: OpenBao,
     upstream: Upstream,
-    aiohttp_client: Any,
+    make_proxy: ProxyFactory,
     tmp_path: Path,
     logs: list[MutableMapping[str, Any]],
 ) -> None:
@@ -761,15 +761,12 @@ async def test_rotations_under_load_fail_no_caller_request(
     )
     source = CountingVaultSource(config.credential.vault)
     metrics = Metrics()
-    app = init_app(config, source=source, metrics=metrics)
-    api = await aiohttp_client(app)
-    admin = await aiohttp_client(app[ADMIN_APP])
+    proxy = await make_proxy(config=config, source=source, metrics=metrics)
+    api = proxy.api
 
     async def version_in_use() -> float:
-        async with admin.get("/metrics") as response:
-            text = await response.text()
-        [line] = [s for s in text.splitlines() if s.startswith("invoice_proxy_credential_version ")]
-        return float(line.split()[-1])
+        async with proxy.admin.get("/metrics") as response:
+            return metric(scraped(await response.text()), "invoice_proxy_credential_version")
 
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -923,7 +920,7 @@ async def test_a_hostile_vault_answer_is_a_credential_error_with_a_safe_reason(
     async with running(store):
         assert store.current is None
         assert reason in store.not_ready_reason
-        assert metric(metrics, 'invoice_proxy_credential_reloads_total{result="failure"}') == 1
+        assert metric(metrics, "invoice_proxy_credential_reloads_total", result="failure") == 1
     failed = events(logs, "credential_reload_failed")
     assert [reason in e["reason"] for e in failed] == [True]
     assert "error" not in failed[0]  # a known failure, not an unexpected class
@@ -974,7 +971,7 @@ def contended_core() -> Iterator[int]:
 
 
 async def test_rotations_under_load_on_a_contended_cpu_cost_at_most_one_refusal_each(
-    openbao: OpenBao, upstream: Upstream, aiohttp_client: Any, tmp_path: Path
+    openbao: OpenBao, upstream: Upstream, make_proxy: ProxyFactory, tmp_path: Path
 ) -> None:
     """Five rotations while 20 callers keep the upstream rate cap busy, one core contended.
 
@@ -1014,8 +1011,8 @@ async def test_rotations_under_load_on_a_contended_cpu_cost_at_most_one_refusal_
         )
     )
     metrics = Metrics()
-    app = init_app(config, metrics=metrics)
-    api = await aiohttp_client(app)
+    proxy = await make_proxy(config=config, metrics=metrics)
+    api, app = proxy.api, proxy.app
 
     loop = asyncio.get_running_loop()
     rotated = asyncio.Event()
