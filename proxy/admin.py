@@ -18,7 +18,6 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from . import errors
 from .auth import Authenticator
 from .cache import InvoiceCache
-from .errors import ProxyError
 from .handlers import authorization, invoice_key
 from .metrics import Metrics
 from .middleware import CALLER
@@ -103,9 +102,8 @@ class AdminHandlers:
         organization, invoice_id = invoice_key(request)
         found = self._cache.purge((organization, invoice_id))
         if self._shared is not None:
-            try:
-                found = await self._shared.purge(organization, invoice_id) or found
-            except ProxyError as exc:
+            shared = await self._shared.purge(organization, invoice_id)
+            if shared is None:
                 # The operator must learn that the fleet's copy may have survived.
                 log.warning(
                     "cache_purge_incomplete",
@@ -114,9 +112,12 @@ class AdminHandlers:
                     local_dropped=found,
                 )
                 local = "this replica's copy was dropped" if found else "this replica had none"
-                raise ProxyError(
-                    exc.status, exc.code, f"{exc.message} ({local})", exc.headers
-                ) from None
+                raise errors.unavailable(
+                    "the fleet's Redis did not answer, so its copy may still be there; "
+                    f"retry the purge ({local})",
+                    self._shared.retry_interval_s,
+                )
+            found = shared or found
         if not found:
             raise errors.not_found("this invoice is not cached")
         log.info("cache_purged", organization=organization, invoice_id=invoice_id)

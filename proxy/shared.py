@@ -35,7 +35,6 @@ from prometheus_client import Counter
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from . import errors
 from .config import SharedConfig, UpstreamConfig
 from .invoice import InvalidInvoice, check_invoice
 from .metrics import SharedMetrics
@@ -738,16 +737,15 @@ class SharedLevel:
             raise Refused(budget.wait_s)
         return budget.wait_s, self._waited if budget.wait_s > 0 else self._granted
 
-    async def purge(self, organization: str, invoice_id: str) -> bool:
-        """Drop the shared copy; False when there was none.
-
-        Redis not answering is an error (503 unavailable), never "not cached": the
-        fleet's copy may still be there.
-        """
+    async def purge(self, organization: str, invoice_id: str) -> bool | None:
+        """Drop the shared copy: True when there was one, False when not, None when Redis
+        did not answer (the fleet's copy may still be there)."""
         try:
             return await self._store.delete(organization, invoice_id)
         except Unavailable:
-            raise errors.unavailable(
-                "the fleet's Redis did not answer, so its copy may still be there; retry the purge",
-                self._config.retry_interval_s,
-            ) from None
+            return None
+
+    @property
+    def retry_interval_s(self) -> float:
+        """How soon the store is tried again after an outage is seen."""
+        return self._config.retry_interval_s
