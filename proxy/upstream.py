@@ -167,10 +167,31 @@ class _Attempt:
     ahead of its lane's other waiters.
     """
 
-    __slots__ = ("_timer", "_upstream", "code", "fetch", "started")
+    __slots__ = (
+        "_clock",
+        "_metrics",
+        "_take_rate_token",
+        "_timeout_s",
+        "_timer",
+        "code",
+        "fetch",
+        "started",
+    )
 
-    def __init__(self, upstream: Upstream, fetch: _Fetch, timer: asyncio.Timeout) -> None:
-        self._upstream = upstream
+    def __init__(
+        self,
+        fetch: _Fetch,
+        timer: asyncio.Timeout,
+        *,
+        timeout_s: float,
+        clock: Callable[[], float],
+        metrics: Metrics,
+        take_rate_token: Callable[..., Awaitable[None]],
+    ) -> None:
+        self._timeout_s = timeout_s
+        self._clock = clock
+        self._metrics = metrics
+        self._take_rate_token = take_rate_token
         self._timer = timer
         self.fetch = fetch
         self.code = "error"  # the metrics label of the send under way
@@ -178,8 +199,7 @@ class _Attempt:
 
     def begin(self) -> None:
         """A send starts now: its timeout is what is left of one attempt's, in the deadline."""
-        upstream = self._upstream
-        room = min(upstream._config.timeout_s, max(0.001, self.fetch.deadline - upstream._clock()))
+        room = min(self._timeout_s, max(0.001, self.fetch.deadline - self._clock()))
         when = asyncio.get_running_loop().time() + room
         self._timer.reschedule(math.ceil(when) if room >= _CEIL_THRESHOLD_S else when)
         self.code = "error"
@@ -189,7 +209,7 @@ class _Attempt:
         """The send under way ended (answered, refused or failed): counted once."""
         if self.started is None:
             return
-        metrics = self._upstream._metrics
+        metrics = self._metrics
         metrics.upstream_duration.observe(time.perf_counter() - self.started)
         metrics.upstream_requests.labels(code=self.code).inc()
         self.started = None
@@ -202,10 +222,9 @@ class _Attempt:
 
     async def again(self) -> None:
         """The send after a refusal: within the deadline, next in its lane."""
-        upstream = self._upstream
-        if self.fetch.deadline - upstream._clock() <= 0:
+        if self.fetch.deadline - self._clock() <= 0:
             raise _timeout(counts=True)
-        await upstream._take_rate_token(self.fetch, first=True)
+        await self._take_rate_token(self.fetch, first=True)
 
 
 # The attempt under way in this task, for the session's middleware (same task).
@@ -479,7 +498,14 @@ class Upstream:
         """One request (and its resend after a refusal, by the middleware) in one slot."""
         async with self._slot(fetch.deadline):
             timer = asyncio.timeout(None)  # armed by each send (`_Attempt.begin`)
-            attempt = _Attempt(self, fetch, timer)
+            attempt = _Attempt(
+                fetch,
+                timer,
+                timeout_s=self._config.timeout_s,
+                clock=self._clock,
+                metrics=self._metrics,
+                take_rate_token=self._take_rate_token,
+            )
             current = _ATTEMPT.set(attempt)
             try:
                 async with (
