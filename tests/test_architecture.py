@@ -26,7 +26,10 @@ FORBIDDEN: dict[str, tuple[set[str], str]] = {
         "the cache knows no HTTP",
     ),
     "handlers": ({"credential", "vault", "upstream"}, "handlers never touch the token"),
-    "middleware": ({"credential", "vault", "upstream", "cache"}, "the middleware knows no token"),
+    "middleware": (
+        {"credential", "vault", "cache", "shared"},
+        "the middleware maps failures to answers; it knows no token and no cache",
+    ),
     "admin": ({"credential", "vault", "upstream"}, "the admin handlers never touch the token"),
     "upstream": (
         {"auth", "handlers", "middleware", "admin", "cache", "shared", "errors"},
