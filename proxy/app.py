@@ -41,14 +41,14 @@ INVOICE_PATH = "/v1/organizations/{organization}/invoices/{id}"
 PURGE_PATH = "/cache/organizations/{organization}/invoices/{id}"
 
 
-def make_source(config: CredentialConfig) -> CredentialSource:
+def make_source(config: CredentialConfig, clock: Clock = SYSTEM_CLOCK) -> CredentialSource:
     if config.source == "file":
         return FileSource(config.file.path, config.file.poll_interval_s)
     if config.source == "env":
         return EnvSource(config.env.token_id_var, config.env.token_var)
     from .vault import VaultSource  # only the vault source needs it
 
-    return VaultSource(config.vault)
+    return VaultSource(config.vault, clock=clock.monotonic)
 
 
 def init_app(
@@ -64,7 +64,10 @@ def init_app(
     """
     metrics = metrics or Metrics()
     credentials = CredentialStore(
-        source or make_source(config.credential), metrics, clock=clock.time
+        source or make_source(config.credential, clock),
+        metrics,
+        clock=clock.time,
+        sleep=clock.sleep,
     )
     callers = Authenticator(config.callers, metrics)
     metrics.init_callers(callers.names)

@@ -8,12 +8,11 @@ PlanetScale refuses it. Nothing here ever logs or formats a token.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import NoReturn, Protocol
@@ -210,12 +209,14 @@ class CredentialStore:
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         max_backoff_s: float = 60.0,
         task_backoff: Backoff = DEFAULT_BACKOFF,
     ) -> None:
         self.source = source
         self._metrics = metrics
         self._clock = clock
+        self._sleep = sleep
         self._max_backoff_s = max_backoff_s
         self._task_backoff = task_backoff
         self.current: Credential | None = None
@@ -338,9 +339,7 @@ class CredentialStore:
     async def _step(self) -> None:
         # A wake that came during the supervisor's pause is served at once.
         if not self._wake.is_set():
-            delay = self._next_delay()  # first: if it raises, no wait() is left unawaited
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            await self._wait(self._next_delay())  # the delay first: it may raise
         force = self._wake.is_set()
         # Cleared before the fetch: a step that fails cannot turn one SIGHUP into a spin.
         self._wake.clear()
@@ -348,8 +347,22 @@ class CredentialStore:
 
     async def _pause(self, delay: float) -> None:
         """The supervisor's backoff; a SIGHUP ends it (and is served by the next step)."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=delay)
+        await self._wait(delay)
+
+    async def _wait(self, delay: float) -> None:
+        """`delay` seconds on the store's clock, or until a wake (SIGHUP), if sooner."""
+        if self._wake.is_set():
+            return
+        waits = (
+            asyncio.ensure_future(self._sleep(delay)),
+            asyncio.ensure_future(self._wake.wait()),
+        )
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
 
 @asynccontextmanager

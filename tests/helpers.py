@@ -127,14 +127,16 @@ class FakeClock:
 
     By default it fakes wall time only (cache freshness); the monotonic clock and sleeps
     stay real, so deadlines and timeouts still end. With `monotonic=True` the monotonic
-    clock is fake too (the circuit breaker, rate caps, retry intervals): `advance` moves
-    both, and `sleep` advances the clock instead of waiting.
+    clock is fake too (the circuit breaker, rate caps, retry intervals, the credential
+    refresher): `advance` moves both, and a `sleep` ends when the test has advanced the
+    clock past it, never by itself.
     """
 
     def __init__(self, start: float = 1_800_000_000.0, *, monotonic: bool = False) -> None:
         self.now = start
         self.fake_monotonic = monotonic
         self.monotonic_now = 1_000.0
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
 
     def __call__(self) -> float:
         return self.now
@@ -146,15 +148,31 @@ class FakeClock:
         return self.monotonic_now if self.fake_monotonic else time.monotonic()
 
     async def sleep(self, seconds: float) -> None:
-        if self.fake_monotonic:
-            self.advance(seconds)
-            await asyncio.sleep(0)
-        else:
+        if not self.fake_monotonic:
             await asyncio.sleep(seconds)
+            return
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        woken = asyncio.get_running_loop().create_future()
+        self._sleepers.append((self.monotonic_now + seconds, woken))
+        await woken
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
         self.monotonic_now += seconds
+        due = [(at, woken) for at, woken in self._sleepers if at <= self.monotonic_now]
+        self._sleepers = [s for s in self._sleepers if s not in due]
+        for _, woken in due:
+            if not woken.done():
+                woken.set_result(None)
+
+    async def run_for(self, seconds: float, step: float) -> None:
+        """Advance `seconds` in steps of `step`, letting the loop run what each step wakes."""
+        for _ in range(round(seconds / step)):
+            self.advance(step)
+            for _ in range(5):
+                await asyncio.sleep(0)
 
 
 # --- metrics -----------------------------------------------------------------------------

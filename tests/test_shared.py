@@ -80,9 +80,10 @@ def opened(store: SharedStore) -> AbstractAsyncContextManager[None]:
     return asynccontextmanager(store.lifetime)()
 
 
-def new_store(config: Fleet) -> tuple[SharedStore, CollectorRegistry]:
+def new_store(config: Fleet, **clocks: Any) -> tuple[SharedStore, CollectorRegistry]:
     registry = CollectorRegistry()
-    return SharedStore(make_client(config[0]), *config, SharedMetrics(registry)), registry
+    store = SharedStore(make_client(config[0]), *config, SharedMetrics(registry), **clocks)
+    return store, registry
 
 
 # --- configuration -----------------------------------------------------------------
@@ -386,31 +387,31 @@ async def test_wrong_password_is_an_outage_whose_log_never_shows_a_password(
 async def test_stopped_redis_costs_one_probe_per_interval_and_one_log_line(
     redis_server: RedisServer,
 ) -> None:
-    store, registry = new_store(shared_config(redis_server, retry_interval_s=0.2))
+    clock = FakeClock(monotonic=True)  # the probe interval runs on it; Redis on real time
+    store, registry = new_store(
+        shared_config(redis_server, retry_interval_s=0.2), monotonic=clock.monotonic
+    )
     with capture_logs() as logs:
         async with opened(store):
             await store.get("acme", "inv_1")
             redis_server.stop()
-            start = time.monotonic()
-            while time.monotonic() - start < 0.5:  # about 50 requests in 0.5 s
+            for _ in range(50):  # 50 requests, one every 0.01 s, over 0.5 s
                 with pytest.raises(Unavailable):
                     await store.claim("acme", "inv_1", "t")
-                await asyncio.sleep(0.01)
+                clock.advance(0.01)
             errors = metric(registry, "invoice_proxy_shared_store_errors_total", operation="claim")
             assert 3 <= errors <= 3 + 3, "3 failures open it, then one probe each 0.2 s"
             assert not store.available
             assert metric(registry, "invoice_proxy_shared_store_up") == 0
 
             redis_server.start()
-            start = time.monotonic()
-            while True:
+            for _ in range(20):  # within one probe interval of 0.2 s
                 try:
                     await store.claim("acme", "inv_1", "t")
                     break
                 except Unavailable:
-                    assert time.monotonic() - start < 1.0, "not back within a probe interval"
-                    await asyncio.sleep(0.02)
-            assert store.available
+                    clock.advance(0.02)
+            assert store.available, "not back within a probe interval"
             assert metric(registry, "invoice_proxy_shared_store_up") == 1
     events = [line["event"] for line in logs]
     assert events == [

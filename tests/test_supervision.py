@@ -27,6 +27,7 @@ from .helpers import (
     TOKEN,
     TOKEN_ID,
     UPSTREAM_HEADER,
+    FakeClock,
     ProxyFactory,
     Upstream,
     invoice_path,
@@ -209,24 +210,36 @@ async def test_a_source_raising_any_exception_is_a_counted_failure_and_wake_stil
     assert MARKER not in repr(logs)
 
 
-async def test_an_exception_outside_the_fetch_reaches_the_supervisor_and_wake_still_reloads(
-    scripted: tuple[CredentialStore, ScriptedSource, Metrics],
-) -> None:
-    store, source, metrics = scripted
+async def test_an_exception_outside_the_fetch_reaches_the_supervisor_and_wake_still_reloads() -> (
+    None
+):
+    """On a clock the test advances: the supervisor's pauses and the polls end only then."""
+    clock = FakeClock(monotonic=True)
+    source = ScriptedSource(Credential(TOKEN_ID, TOKEN, 1))
+    metrics = Metrics()
+    store = CredentialStore(
+        source,
+        metrics,
+        clock=clock.time,
+        sleep=clock.sleep,
+        max_backoff_s=0.05,
+        task_backoff=Backoff(base_s=0.01, max_s=0.05),
+    )
     with capture_logs() as logs:
-        source.poll_failure = ZeroDivisionError(MARKER)
-        await wait_until(
-            lambda: metric(metrics, TASK_FAILURES, task="credential_refresher") >= 3,
-            "task failures counted",
-        )
-        source.credential = Credential(TOKEN_ID, "rotated-token", 2)
-        store.wake()
-        # The wake ends the supervisor's pause, and the fetch it asks for succeeds even
-        # while the refresher's own code still fails.
-        await wait_until(lambda: token(store) == "rotated-token", "reloaded on wake")
-        source.poll_failure = None
-        failures = metric(metrics, TASK_FAILURES, task="credential_refresher")
-        await asyncio.sleep(0.2)
+        async with running(store):
+            source.poll_failure = ZeroDivisionError(MARKER)
+            await clock.run_for(1.0, step=0.01)  # 1 s of pauses of at most 0.05 s
+            assert metric(metrics, TASK_FAILURES, task="credential_refresher") >= 3
+            source.credential = Credential(TOKEN_ID, "rotated-token", 2)
+            store.wake()
+            # The wake ends the supervisor's pause, and the fetch it asks for succeeds
+            # even while the refresher's own code still fails.
+            await wait_until(lambda: token(store) == "rotated-token", "reloaded on wake")
+            source.poll_failure = None
+            failures = metric(metrics, TASK_FAILURES, task="credential_refresher")
+            fetched = metric(metrics, RELOADS, result="success")
+            await clock.run_for(1.0, step=0.01)  # about 100 polls of 0.01 s
+            assert metric(metrics, RELOADS, result="success") > fetched + 10  # it polls
     assert (
         metric(metrics, TASK_FAILURES, task="credential_refresher") == failures
     )  # recovered: no more failures
