@@ -724,18 +724,11 @@ def upstream_header(token: dict[str, str]) -> str:
     return f"{token['token_id']}:{token['token']}"
 
 
-async def test_rotations_under_load_fail_no_caller_request(
-    openbao: OpenBao,
-    upstream: Upstream,
-    make_proxy: ProxyFactory,
-    tmp_path: Path,
-    logs: list[MutableMapping[str, Any]],
-) -> None:
-    """20 callers for 10 s, 5 rotations; PlanetScale takes the old token for a short grace.
-
-    The grace (0.1 s) is shorter than refresh_interval_s (1 s), so requests still carrying
-    the old token are refused, and the proxy reloads from Vault and retries them.
-    """
+def rotating_secret(
+    openbao: OpenBao, upstream: Upstream, tmp_path: Path
+) -> tuple[str, list[dict[str, str]], dict[str, Any], str]:
+    """A fresh secret with a first token PlanetScale accepts, and the [credential.vault]
+    table of an AppRole that may read it: (path, tokens so far, vault table, secret_id)."""
     path = unique("planetscale/invoice-proxy")
     tokens = [planetscale_token()]
     openbao.write_secret("secret", path, tokens[0])
@@ -752,6 +745,22 @@ async def test_rotations_under_load_fail_no_caller_request(
         "refresh_interval_s": 1.0,
         "timeout_s": 2.0,
     }
+    return path, tokens, vault, secret_id
+
+
+async def test_rotations_under_load_fail_no_caller_request(
+    openbao: OpenBao,
+    upstream: Upstream,
+    make_proxy: ProxyFactory,
+    tmp_path: Path,
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    """20 callers for 10 s, 5 rotations; PlanetScale takes the old token for a short grace.
+
+    The grace (0.1 s) is shorter than refresh_interval_s (1 s), so requests still carrying
+    the old token are refused, and the proxy reloads from Vault and retries them.
+    """
+    path, tokens, vault, secret_id = rotating_secret(openbao, upstream, tmp_path)
     config = parse_config(
         config_dict(
             upstream.base_url,
@@ -982,22 +991,7 @@ async def test_rotations_under_load_on_a_contended_cpu_cost_at_most_one_refusal_
     reload. A request already on its way with the old token is refused too: the rate cap
     keeps sends 0.2 s apart, far more than a round trip, so that is the first one only.
     """
-    path = unique("planetscale/invoice-proxy")
-    tokens = [planetscale_token()]
-    openbao.write_secret("secret", path, tokens[0])
-    policy = openbao.read_only_policy("secret", path)
-    approle, _ = approle_config(openbao, tmp_path, path, policy)
-    upstream.standin.accept_only(upstream_header(tokens[0]))
-    vault = {
-        "address": openbao.address,
-        "path": path,
-        "auth": "approle",
-        "approle_mount": approle.approle_mount,
-        "role_id": approle.role_id,
-        "secret_id_file": approle.secret_id_file,
-        "refresh_interval_s": 1.0,
-        "timeout_s": 2.0,
-    }
+    path, tokens, vault, _ = rotating_secret(openbao, upstream, tmp_path)
     config = parse_config(
         config_dict(
             upstream.base_url,
