@@ -27,6 +27,7 @@ from .helpers import (
     get,
     invoice_path,
     metric,
+    wait_until,
 )
 
 YEAR = 365 * 86400.0
@@ -363,10 +364,7 @@ async def test_purge_during_a_fetch_does_not_let_the_purged_answer_back(
     """The fetch under way answers its caller; the cache does not keep what was purged."""
     upstream.standin.behave("inv_1", Behaviour("slow", delay_s=0.3, times=1))
     first = asyncio.create_task(get(proxy, "inv_1"))
-    for _ in range(200):
-        if upstream.standin.requests_for("inv_1") == 1:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: upstream.standin.requests_for("inv_1") == 1, "the fetch")
     purge = await proxy.admin.delete("/cache/organizations/acme/invoices/inv_1", headers=ADMIN)
     assert purge.status == 404  # nothing was cached yet
     response = await first
@@ -382,10 +380,7 @@ async def test_a_request_after_a_purge_does_not_join_the_purged_fetch(
 ) -> None:
     upstream.standin.behave("inv_1", Behaviour("slow", delay_s=0.3, times=1))
     first = asyncio.create_task(get(proxy, "inv_1"))
-    for _ in range(200):
-        if upstream.standin.requests_for("inv_1") == 1:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: upstream.standin.requests_for("inv_1") == 1, "the fetch")
     await proxy.admin.delete("/cache/organizations/acme/invoices/inv_1", headers=ADMIN)
     second = await get(proxy, "inv_1")  # not slow: answered while the first still waits
     assert second.status == 200 and not first.done()

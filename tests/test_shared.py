@@ -53,6 +53,7 @@ from .helpers import (
     metric,
     scraped,
     served_process,
+    wait_until,
 )
 from .redis_server import RedisServer
 
@@ -753,10 +754,7 @@ async def test_lock_holder_killed_mid_fetch_delays_the_others_at_most_the_lock_l
         holder_request = asyncio.create_task(
             session.get(holder.url + invoice_path("acme", "inv_1"), headers=BILLING)
         )
-        for _ in range(200):
-            if upstream.standin.requests_for("inv_1") == 1:
-                break
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: upstream.standin.requests_for("inv_1") == 1, "the fetch")
         taken = time.monotonic()  # the holder has the lock and is fetching
         waiter = asyncio.create_task(get(proxy, "inv_1"))
         await asyncio.sleep(0.2)
@@ -906,10 +904,7 @@ async def test_purge_during_a_fleet_fetch_does_not_store_the_purged_answer(
     two = await make_proxy(**fleet_sections(redis_server))
     upstream.standin.behave("inv_1", Behaviour("slow", delay_s=0.4, times=1))
     first = asyncio.create_task(get(one, "inv_1"))
-    for _ in range(200):
-        if upstream.standin.requests_for("inv_1") == 1:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: upstream.standin.requests_for("inv_1") == 1, "the fetch")
     purge = await two.admin.delete("/cache/organizations/acme/invoices/inv_1", headers=ADMIN)
     assert purge.status == 404  # nothing was cached yet
     assert (await first).status == 200
