@@ -67,7 +67,7 @@ def init_app(
         source or make_source(config.credential, clock),
         metrics,
         clock=clock.time,
-        sleep=clock.sleep,
+        wait=clock.wait,
     )
     callers = Authenticator(config.callers, metrics)
     metrics.init_callers(callers.names)

@@ -8,6 +8,7 @@ Tests pass a clock they advance instead of sleeping on real time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Protocol
 
@@ -27,6 +28,10 @@ class Clock(Protocol):
         """Wait `seconds` of this clock's monotonic time."""
         ...
 
+    async def wait(self, event: asyncio.Event, seconds: float) -> None:
+        """Wait until `event` is set or `seconds` have passed, whichever comes first."""
+        ...
+
 
 class SystemClock:
     """The real clocks: the functions themselves, so reading one costs no extra call (a
@@ -36,6 +41,12 @@ class SystemClock:
 
     monotonic = staticmethod(time.monotonic)
     sleep = staticmethod(asyncio.sleep)
+
+    @staticmethod
+    async def wait(event: asyncio.Event, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout=seconds)
+
     time = staticmethod(time.time)  # last: the name hides the module below it
 
 

@@ -19,6 +19,7 @@ from typing import NoReturn, Protocol
 
 import structlog
 
+from .clock import SYSTEM_CLOCK
 from .metrics import Metrics
 from .tasks import DEFAULT_BACKOFF, Backoff, raised_at, safe_reason, start, stop, supervise
 
@@ -209,14 +210,14 @@ class CredentialStore:
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.time,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        wait: Callable[[asyncio.Event, float], Awaitable[None]] = SYSTEM_CLOCK.wait,
         max_backoff_s: float = 60.0,
         task_backoff: Backoff = DEFAULT_BACKOFF,
     ) -> None:
         self.source = source
         self._metrics = metrics
         self._clock = clock
-        self._sleep = sleep
+        self._wait_for = wait
         self._max_backoff_s = max_backoff_s
         self._task_backoff = task_backoff
         self.current: Credential | None = None
@@ -351,18 +352,7 @@ class CredentialStore:
 
     async def _wait(self, delay: float) -> None:
         """`delay` seconds on the store's clock, or until a wake (SIGHUP), if sooner."""
-        if self._wake.is_set():
-            return
-        waits = (
-            asyncio.ensure_future(self._sleep(delay)),
-            asyncio.ensure_future(self._wake.wait()),
-        )
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for wait in waits:
-                wait.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
+        await self._wait_for(self._wake, delay)
 
 
 @asynccontextmanager

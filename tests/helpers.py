@@ -12,6 +12,7 @@ Fixtures built on these (`make_proxy`, `upstream`, `credential_file`) are in con
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -157,6 +158,19 @@ class FakeClock:
         woken = asyncio.get_running_loop().create_future()
         self._sleepers.append((self.monotonic_now + seconds, woken))
         await woken
+
+    async def wait(self, event: asyncio.Event, seconds: float) -> None:
+        if not self.fake_monotonic:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout=seconds)
+            return
+        waits = (asyncio.ensure_future(self.sleep(seconds)), asyncio.ensure_future(event.wait()))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     def advance(self, seconds: float) -> None:
         self.now += seconds

@@ -221,7 +221,7 @@ async def test_an_exception_outside_the_fetch_reaches_the_supervisor_and_wake_st
         source,
         metrics,
         clock=clock.time,
-        sleep=clock.sleep,
+        wait=clock.wait,
         max_backoff_s=0.05,
         task_backoff=Backoff(base_s=0.01, max_s=0.05),
     )
