@@ -324,9 +324,26 @@ class VaultConfig:
     jwt_file: str = key("/var/run/secrets/kubernetes.io/serviceaccount/token")
 
 
+# With credential.per_organization, the placeholders a source's path or variable names
+# hold; each is replaced by the requested organization (upper case, - as _, in names).
+ORGANIZATION_PLACEHOLDER = "{organization}"
+ORGANIZATION_VAR_PLACEHOLDER = "{ORGANIZATION}"
+
+
 @dataclass(frozen=True, slots=True)
 class CredentialConfig:
     source: str = key("vault", choices=("vault", "file", "env"))
+    per_organization: bool = key(
+        False, doc="true: each organization's token from its own secret, file or variables"
+    )
+    # With per_organization: the organizations named in [[callers]] are always held;
+    # those of callers with ["*"] are loaded on their first request, up to this many.
+    max_on_demand: int = key(
+        32, lo=0, hi=10_000, doc="tokens loaded on demand (for ['*']), least recently used out"
+    )
+    missing_ttl_s: float = key(
+        10.0, lo=0.1, hi=3600, unit="s", doc="a failed on-demand load is answered 503 this long"
+    )
     file: FileSourceConfig = field(default_factory=FileSourceConfig)
     env: EnvSourceConfig = field(default_factory=EnvSourceConfig)
     vault: VaultConfig = field(
@@ -659,6 +676,24 @@ def _vault_rules(c: VaultConfig, t: _Table) -> None:
         t.problem("role", "is required when auth = 'kubernetes'")
 
 
+def _credential_rules(c: CredentialConfig, t: _Table) -> None:
+    if c.source == "vault":
+        places = {"vault.path": c.vault.path}
+        placeholder = ORGANIZATION_PLACEHOLDER
+    elif c.source == "file":
+        places = {"file.path": c.file.path}
+        placeholder = ORGANIZATION_PLACEHOLDER
+    else:
+        places = {"env.token_id_var": c.env.token_id_var, "env.token_var": c.env.token_var}
+        placeholder = ORGANIZATION_VAR_PLACEHOLDER
+    for name, value in places.items():
+        has = placeholder in value
+        if c.per_organization and not has:
+            t.problem(name, f"must hold {placeholder} when per_organization = true")
+        elif not c.per_organization and (has or ORGANIZATION_PLACEHOLDER in value):
+            t.problem(name, "holds an organization placeholder: set per_organization = true")
+
+
 def _shared_rules(c: SharedConfig, t: _Table) -> None:
     if c.redis_url and c.ca_file and not c.redis_url.lower().startswith("rediss://"):
         t.problem("ca_file", "is only used with a rediss:// URL")
@@ -677,6 +712,7 @@ def _config_rules(c: Config, t: _Table) -> None:
 _RULES: dict[type, Callable[[Any, _Table], None]] = {
     ServerConfig: _server_rules,
     VaultConfig: _vault_rules,
+    CredentialConfig: _credential_rules,
     SharedConfig: _shared_rules,
     Config: _config_rules,
 }

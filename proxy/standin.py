@@ -5,6 +5,8 @@ OpenAPI document describes, accepts only the service tokens it was given (401 wi
 PlanetScale-style JSON otherwise), and can be told, per invoice id or for all, to
 misbehave: answer slowly, hang, 404, 429 with Retry-After, any 5xx, reset the
 connection, cut the body short, or send a malformed, schema-breaking or huge body.
+A token can be accepted for one organization only (`accept_only(..., organization=)`,
+`--organization-token`), as a PlanetScale service token reads one organization.
 It counts what it receives. Control it from Python (`StandIn`) or over HTTP
 (`/_control/...`) when it runs in another process (`python -m proxy.standin`).
 """
@@ -58,6 +60,9 @@ class Behaviour:
 class Stats:
     requests: int = 0
     unauthorized: int = 0
+    # By organization: invoice requests, and the tokens they carried (`token_id` only).
+    by_organization: Counter[str] = field(default_factory=Counter)
+    token_ids: dict[str, set[str]] = field(default_factory=dict)
     by_invoice: Counter[str] = field(default_factory=Counter)
     methods: Counter[str] = field(default_factory=Counter)
     paths: list[str] = field(default_factory=list)
@@ -94,6 +99,9 @@ class StandIn:
         self, tokens: list[str], *, drift: bool = False, missing_prefix: str = "missing"
     ) -> None:
         self.tokens: list[str] = list(tokens)  # accepted `token_id:token` headers
+        # An organization named here accepts only its own tokens (as a PlanetScale
+        # service token reads one organization); the others accept `tokens`.
+        self.organization_tokens: dict[str, list[str]] = {}
         self.drift = drift  # serve today's API (paid, overdue, string total)
         self.missing_prefix = missing_prefix  # ids with this prefix do not exist
         self.invoices: dict[str, dict[str, Any]] = {}  # explicit bodies by id
@@ -101,8 +109,15 @@ class StandIn:
         self.stats = Stats()
         self._hang = asyncio.Event()
 
-    def accept_only(self, *tokens: str) -> None:
-        self.tokens = list(tokens)
+    def accept_only(self, *tokens: str, organization: str | None = None) -> None:
+        """Accept only these tokens: for every organization, or for `organization` alone."""
+        if organization is None:
+            self.tokens = list(tokens)
+        else:
+            self.organization_tokens[organization] = list(tokens)
+
+    def accepts(self, organization: str, header: str | None) -> bool:
+        return header in self.organization_tokens.get(organization, self.tokens)
 
     def behave(self, invoice_id: str, behaviour: Behaviour | None) -> None:
         """Set (or with None, clear) the behaviour of one id, or "*" for every id."""
@@ -143,7 +158,11 @@ class StandIn:
 
     async def _invoice(self, request: web.Request) -> web.StreamResponse:
         stats = self.stats
-        if request.headers.get("Authorization") not in self.tokens:
+        organization = request.match_info["organization"]
+        header = request.headers.get("Authorization")
+        stats.by_organization[organization] += 1
+        stats.token_ids.setdefault(organization, set()).add((header or "").split(":", 1)[0])
+        if not self.accepts(organization, header):
             stats.unauthorized += 1
             return web.json_response(PLANETSCALE_401, status=401)
         invoice_id = request.match_info["id"]
@@ -223,13 +242,15 @@ class StandIn:
         return web.json_response({"ok": True})
 
     async def control_tokens(self, request: web.Request) -> web.Response:
-        self.accept_only(*(await request.json())["tokens"])
+        data = await request.json()
+        self.accept_only(*data["tokens"], organization=data.get("organization"))
         return web.json_response({"ok": True})
 
     async def control_stats(self, _request: web.Request) -> web.Response:
         # Not dataclasses.asdict: it rebuilds a Counter from (key, count) pairs.
         data = {f.name: getattr(self.stats, f.name) for f in fields(self.stats)}
         data.pop("paths")
+        data["token_ids"] = {org: sorted(ids) for org, ids in self.stats.token_ids.items()}
         return web.json_response(
             {k: dict(v) if isinstance(v, Counter) else v for k, v in data.items()}
         )
@@ -273,12 +294,25 @@ def main(argv: list[str] | None = None) -> None:
         "--token", action="append", required=True, help="an accepted token_id:token"
     )
     parser.add_argument(
+        "--organization-token",
+        action="append",
+        default=[],
+        metavar="ORG=TOKEN_ID:TOKEN",
+        help="a token accepted for ORG only (ORG then refuses every other token)",
+    )
+    parser.add_argument(
         "--drift", action="store_true", help="serve paid/overdue and a string total"
     )
     args = parser.parse_args(argv)
+    standin = StandIn(args.token, drift=args.drift)
+    for item in args.organization_token:
+        organization, sep, token = item.partition("=")
+        if not sep or not organization or not token:
+            parser.error(f"--organization-token expects ORG=TOKEN_ID:TOKEN, not {item!r}")
+        standin.organization_tokens.setdefault(organization, []).append(token)
 
     async def run() -> None:
-        runner, port = await start(StandIn(args.token, drift=args.drift), args.host, args.port)
+        runner, port = await start(standin, args.host, args.port)
         print(f"standin listening on http://{args.host}:{port}/v1", flush=True)
         try:
             await asyncio.Event().wait()
