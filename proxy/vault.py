@@ -1,9 +1,11 @@
 """The PlanetScale token from HashiCorp Vault or OpenBao (KV version 2).
 
 `VaultSource` reads `{address}/v1/{mount}/data/{path}` and turns the secret's fields
-into a `Credential` that carries the KV version. It logs in to Vault by itself (a
+into a `Credential` that carries the KV version. Its `VaultClient` logs in to Vault (a
 token from a file or the environment, AppRole, or Kubernetes), renews the login token
-before its lease runs out, and logs in again when renewal fails or a read is refused.
+before its lease runs out, and logs in again when renewal fails or a read is refused;
+with one token per organization, one client (one login) serves every organization's
+`VaultSource`.
 
 Vault tokens, secret_ids and JWTs are held in `_Secret` wrappers whose repr is
 redacted, and are unwrapped only inside the call that sends them. Every failure
@@ -80,7 +82,11 @@ class _Login:
 
 
 class VaultSource:
-    """A `CredentialSource` reading the PlanetScale token from a Vault KV v2 secret."""
+    """A `CredentialSource` reading the PlanetScale token from a Vault KV v2 secret.
+
+    By itself it logs in on its own (`VaultClient`); with `client`, it reads `path`
+    through that client's login, so one login serves the secrets of every organization.
+    """
 
     name = "vault"
 
@@ -90,16 +96,49 @@ class VaultSource:
         *,
         clock: Callable[[], float] = time.monotonic,
         environ: Mapping[str, str] | None = None,
+        client: VaultClient | None = None,
+        path: str | None = None,
+    ) -> None:
+        self._owns_client = client is None
+        self._environ = os.environ if environ is None else environ
+        self._client = client or VaultClient(config, clock=clock, environ=self._environ)
+        self.poll_interval_s = config.refresh_interval_s
+        self.path = config.path if path is None else path
+        self._auth = config.auth
+        self._address = config.address
+
+    def __repr__(self) -> str:
+        return (
+            f"VaultSource(address={self._address!r}, secret={self.path!r}, auth={self._auth!r})"
+        )
+
+    async def fetch(self, force: bool) -> Credential:
+        """Read the secret now (every poll is a read: KV v2 has no cheaper change check)."""
+        return await self._client.read(self.path)
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+
+class VaultClient:
+    """One Vault login (renewed, logged in again when refused) and the secret reads over it.
+
+    Logins and renewals are serialized (never sent twice at once); reads of different
+    secrets go out side by side.
+    """
+
+    def __init__(
+        self,
+        config: VaultConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         self._config = config
-        self.poll_interval_s = config.refresh_interval_s
         self._clock = clock
         self._environ = os.environ if environ is None else environ
-        self._secret_url = f"{config.address}/v1/{config.mount}/data/{config.path}"
-        self._where = f"{config.mount}/{config.path}"
         self._session: aiohttp.ClientSession | None = None
-        # Fetches are serialized (the store calls under its lock too): a login or a
-        # renewal is never sent twice at once.
         self._lock = asyncio.Lock()
         self._login: _Login | None = None
         self._logins = 0  # successful logins so far
@@ -108,24 +147,33 @@ class VaultSource:
         self._token_file_signature: tuple[int, int, int, int] | None = None
 
     def __repr__(self) -> str:
-        return (
-            f"VaultSource(address={self._config.address!r}, secret={self._where!r}, "
-            f"auth={self._config.auth!r})"
-        )
+        return f"VaultClient(address={self._config.address!r}, auth={self._config.auth!r})"
 
-    async def fetch(self, force: bool) -> Credential:
-        """Read the secret now (every poll is a read: KV v2 has no cheaper change check)."""
+    async def read(self, path: str) -> Credential:
+        """Read the secret at `path` of the mount, with this client's login."""
+        c = self._config
+        url = f"{c.address}/v1/{c.mount}/data/{path}"
+        session = self._ensure_session()
         async with self._lock:
-            session = self._ensure_session()
-            logins = self._logins
+            before = self._logins
             token = await self._token(session)
-            status, body = await self._call(session, "GET", self._secret_url, token)
-            if status in (401, 403) and self._config.auth != "token" and logins == self._logins:
-                # The login token was revoked or expired early: one new login, one retry.
-                # (A token from a login just now is not retried: its policy is the problem.)
-                token = await self._log_in(session, reason="read_refused")
-                status, body = await self._call(session, "GET", self._secret_url, token)
-            return self._credential(status, body)
+            fresh = before != self._logins  # logged in for this very read
+            logins = self._logins
+        status, body = await self._call(session, "GET", url, token)
+        if status in (401, 403) and c.auth != "token":
+            async with self._lock:
+                if self._logins != logins and self._login is not None:
+                    # Another read logged in again meanwhile: its token, one retry.
+                    token = self._login.token
+                    fresh = False
+                elif not fresh:
+                    # The login token was revoked or expired early: one new login, one
+                    # retry. (A token from a login just now is not retried: its policy
+                    # is the problem.)
+                    token = await self._log_in(session, reason="read_refused")
+            if not fresh:
+                status, body = await self._call(session, "GET", url, token)
+        return self._credential(f"{c.mount}/{path}", status, body)
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -325,8 +373,7 @@ class VaultSource:
 
     # -- the secret ---------------------------------------------------------------
 
-    def _credential(self, status: int, body: dict[str, Any]) -> Credential:
-        where = self._where
+    def _credential(self, where: str, status: int, body: dict[str, Any]) -> Credential:
         data = body.get("data")
         metadata = data.get("metadata") if isinstance(data, dict) else None
         version = metadata.get("version") if isinstance(metadata, dict) else None
