@@ -17,7 +17,7 @@ from aiohttp import web
 
 from . import __version__
 from . import logging as proxy_logging
-from .app import ADMIN_APP, ADMINS, CALLERS, CREDENTIALS, METRICS, admin_callers, init_app
+from .app import ADMIN_APP, ADMINS, CALLERS, CREDENTIAL_SET, METRICS, admin_callers, init_app
 from .auth import key_digest, new_caller_key
 from .config import Config, ConfigError, ConfigFileError, load_config, parse_config
 from .credential import CredentialSource, EnvSource
@@ -78,7 +78,7 @@ def _reload(api: web.Application, config_path: str | None) -> None:
     may quote what it was handling: every failure here ends in one log line instead.
     """
     try:
-        api[CREDENTIALS].wake()
+        api[CREDENTIAL_SET].wake()
         if config_path is None:
             return
         config = load_config(config_path)

@@ -8,7 +8,7 @@ closed by the API application's cleanup contexts.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import TYPE_CHECKING
 
@@ -18,19 +18,37 @@ from .admin import AdminHandlers, Readiness
 from .auth import Authenticator
 from .cache import InvoiceCache
 from .clock import SYSTEM_CLOCK, Clock
-from .config import AdminConfig, CallerConfig, Config, CredentialConfig
-from .credential import CredentialSource, CredentialStore, EnvSource, FileSource, running
+from .config import (
+    ORGANIZATION_PLACEHOLDER,
+    ORGANIZATION_VAR_PLACEHOLDER,
+    AdminConfig,
+    CallerConfig,
+    Config,
+    CredentialConfig,
+)
+from .credential import (
+    Credentials,
+    CredentialSource,
+    CredentialStore,
+    EnvSource,
+    FileSource,
+    running,
+)
 from .handlers import InvoiceHandler
 from .metrics import Metrics, SharedMetrics
 from .middleware import observe
 from .upstream import Fetched, Upstream, open_upstream
 
 if TYPE_CHECKING:
+    from .organizations import OrganizationCredentials
     from .shared import SharedLevel, SharedStore
+    from .vault import VaultClient
 
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
-CREDENTIALS = web.AppKey("credentials", CredentialStore)
+CREDENTIALS = web.AppKey("credentials", CredentialStore)  # one token for all (the default)
+# Every organization's token or the one token: what SIGHUP wakes.
+CREDENTIAL_SET: web.AppKey[Credentials] = web.AppKey("credential_set")
 CALLERS = web.AppKey("callers", Authenticator)
 ADMINS = web.AppKey("admins", Authenticator)  # the admin keys (purge); SIGHUP replaces them
 CACHE = web.AppKey("cache", InvoiceCache)
@@ -41,14 +59,74 @@ INVOICE_PATH = "/v1/organizations/{organization}/invoices/{id}"
 PURGE_PATH = "/cache/organizations/{organization}/invoices/{id}"
 
 
-def make_source(config: CredentialConfig, clock: Clock = SYSTEM_CLOCK) -> CredentialSource:
+def make_source(
+    config: CredentialConfig,
+    clock: Clock = SYSTEM_CLOCK,
+    *,
+    organization: str | None = None,
+    client: VaultClient | None = None,
+) -> CredentialSource:
+    """The configured source; with `organization`, that organization's (per_organization:
+    its name in the path or, upper case with - as _, in the variable names). Vault
+    sources given `client` read through its one login."""
+    org = organization or ""
+    var = org.upper().replace("-", "_")
     if config.source == "file":
-        return FileSource(config.file.path, config.file.poll_interval_s)
+        path = config.file.path
+        if organization is not None:
+            path = path.replace(ORGANIZATION_PLACEHOLDER, org)
+        return FileSource(path, config.file.poll_interval_s)
     if config.source == "env":
-        return EnvSource(config.env.token_id_var, config.env.token_var)
+        token_id_var, token_var = config.env.token_id_var, config.env.token_var
+        if organization is not None:
+            token_id_var = token_id_var.replace(ORGANIZATION_VAR_PLACEHOLDER, var)
+            token_var = token_var.replace(ORGANIZATION_VAR_PLACEHOLDER, var)
+        return EnvSource(token_id_var, token_var)
     from .vault import VaultSource  # only the vault source needs it
 
-    return VaultSource(config.vault, clock=clock.monotonic)
+    path = config.vault.path
+    if organization is not None:
+        path = path.replace(ORGANIZATION_PLACEHOLDER, org)
+    return VaultSource(config.vault, clock=clock.monotonic, client=client, path=path)
+
+
+def named_organizations(callers: tuple[CallerConfig, ...]) -> list[str]:
+    """The organizations the callers name (not "*"), in a stable order."""
+    return sorted({org for caller in callers for org in caller.organizations if org != "*"})
+
+
+def make_organization_credentials(
+    config: CredentialConfig,
+    callers: tuple[CallerConfig, ...],
+    metrics: Metrics,
+    clock: Clock = SYSTEM_CLOCK,
+    source_for: Callable[[str], CredentialSource] | None = None,
+) -> OrganizationCredentials:
+    """per_organization: a store per organization; with Vault, one login for all."""
+    from .organizations import OrganizationCredentials
+
+    client = None
+    if source_for is None:
+        if config.source == "vault":
+            from .vault import VaultClient
+
+            client = VaultClient(config.vault, clock=clock.monotonic)
+        vault = client
+
+        def source_for(organization: str) -> CredentialSource:
+            return make_source(config, clock, organization=organization, client=vault)
+
+    return OrganizationCredentials(
+        named_organizations(callers),
+        source_for,
+        metrics,
+        max_on_demand=config.max_on_demand,
+        missing_ttl_s=config.missing_ttl_s,
+        clock=clock.time,
+        monotonic=clock.monotonic,
+        wait=clock.wait,
+        aclose=None if client is None else client.aclose,
+    )
 
 
 def init_app(
@@ -57,24 +135,47 @@ def init_app(
     source: CredentialSource | None = None,
     metrics: Metrics | None = None,
     clock: Clock = SYSTEM_CLOCK,
+    source_for: Callable[[str], CredentialSource] | None = None,
 ) -> web.Application:
     """Build the API application (and its admin sibling) for `config`.
 
-    `clock` is where every part reads time; tests pass one they advance.
+    `clock` is where every part reads time; tests pass one they advance. `source`
+    replaces the one credential source; with per_organization, `source_for` makes each
+    organization's.
     """
-    metrics = metrics or Metrics()
-    credentials = CredentialStore(
-        source or make_source(config.credential, clock),
-        metrics,
-        clock=clock.time,
-        wait=clock.wait,
-    )
+    per_organization = config.credential.per_organization
+    metrics = metrics or Metrics(per_organization=per_organization)
+    if metrics.per_organization != per_organization:
+        raise ValueError("Metrics(per_organization=...) must match credential.per_organization")
+    single: CredentialStore | None = None
+    organizations: OrganizationCredentials | None = None
+    credentials: Credentials
+    lanes = 1
+    if per_organization:
+        organizations = make_organization_credentials(
+            config.credential, config.callers, metrics, clock, source_for
+        )
+        credentials = organizations
+        # A lane (rate cap, circuit, fleet budget) for each organization that can hold a token.
+        lanes = len(organizations.named) + config.credential.max_on_demand
+    else:
+        credentials = single = CredentialStore(
+            source or make_source(config.credential, clock),
+            metrics,
+            clock=clock.time,
+            wait=clock.wait,
+        )
     callers = Authenticator(config.callers, metrics)
     metrics.init_callers(callers.names)
 
     async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         async with open_upstream(
-            config.upstream, credentials, metrics, clock=clock.monotonic, sleep=clock.sleep
+            config.upstream,
+            credentials,
+            metrics,
+            clock=clock.monotonic,
+            sleep=clock.sleep,
+            max_lanes=lanes,
         ) as upstream:
             app[UPSTREAM] = upstream
             yield
@@ -85,14 +186,14 @@ def init_app(
         return await api[UPSTREAM].fetch(organization, invoice_id)
 
     shared: SharedLevel | None = None
-    store: SharedStore | None = None
+    redis_store: SharedStore | None = None
     if config.shared is not None:
         from .redis_connection import make_client  # loads the Redis client: only when configured
         from .shared import SharedLevel, SharedStore
 
         shared_metrics = SharedMetrics(metrics.registry)
         # The client connects nothing yet: the store's cleanup context connects and closes it.
-        store = SharedStore(
+        redis_store = SharedStore(
             make_client(config.shared),
             config.shared,
             config.upstream,
@@ -103,10 +204,12 @@ def init_app(
         shared = SharedLevel(
             config.shared,
             config.upstream,
-            store,
+            redis_store,
             shared_metrics,
             monotonic=clock.monotonic,
             sleep=clock.sleep,
+            per_organization=per_organization,
+            max_budgets=lanes,
         )
     cache = InvoiceCache(config.cache, metrics, clock=clock.time, fleet=shared)
     invoices = InvoiceHandler(callers, cache, upstream_fetch, clock.time)
@@ -114,23 +217,36 @@ def init_app(
     api = web.Application(middlewares=[observe(metrics)], client_max_size=1024)
     api[CONFIG] = config
     api[METRICS] = metrics
-    api[CREDENTIALS] = credentials
+    api[CREDENTIAL_SET] = credentials
+    if single is not None:
+        api[CREDENTIALS] = single
     api[CALLERS] = callers
     api[CACHE] = cache
     api.router.add_get(INVOICE_PATH, invoices.get)
-    api.cleanup_ctx.append(_credentials_ctx)
+    api.cleanup_ctx.append(
+        _credentials_ctx if organizations is None else organizations_ctx_for(organizations)
+    )
     api.cleanup_ctx.append(upstream_ctx)
-    if store is not None:
-        api.cleanup_ctx.append(store.lifetime)  # closed after the fetches under way
+    if redis_store is not None:
+        api.cleanup_ctx.append(redis_store.lifetime)  # closed after the fetches under way
     api.cleanup_ctx.append(_cache_ctx)
 
     admins = Authenticator(admin_callers(config.admin))
     api[ADMINS] = admins
     openapi = resources.files("proxy").joinpath("openapi.yaml").read_bytes()
+    if organizations is not None:
+        held = organizations
+        readiness: Readiness = held.not_ready_reason
+        trouble = lambda: held.trouble  # noqa: E731
+    else:
+        assert single is not None
+        store = single
+        readiness = credential_readiness(store)
+        trouble = lambda: store.trouble  # noqa: E731
     admin_handlers = AdminHandlers(
         metrics,
-        credential_readiness(credentials),
-        lambda: credentials.trouble,
+        readiness,
+        trouble,
         cache,
         admins,
         openapi,
@@ -159,6 +275,16 @@ def admin_callers(config: AdminConfig) -> list[CallerConfig]:
 async def _credentials_ctx(app: web.Application) -> AsyncIterator[None]:
     async with running(app[CREDENTIALS]):
         yield
+
+
+def organizations_ctx_for(
+    organizations: OrganizationCredentials,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(_app: web.Application) -> AsyncIterator[None]:
+        async with organizations.running():
+            yield
+
+    return ctx
 
 
 async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -38,6 +38,15 @@ class CredentialError(Exception):
     """A credential could not be fetched. The message says why, never the value."""
 
 
+class NoCredential(Exception):
+    """No token for the requested organization can be had now (per_organization: its
+    secret is missing or could not be read); worth asking again in `retry_after_s`."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__("no PlanetScale token for this organization")
+        self.retry_after_s = retry_after_s
+
+
 @dataclass(frozen=True, slots=True)
 class Credential:
     """A PlanetScale service token. Its repr never shows the token."""
@@ -185,6 +194,55 @@ class FileSource:
         return None
 
 
+class CredentialSeries:
+    """The metric series one store reports to.
+
+    Without a label (one token for every organization), the plain series. With
+    `organization`, that organization's series; `pooled` stores (loaded on demand) share
+    the series of `other`: its `credential_loaded` counts the tokens in hand, and it has
+    no version (several tokens have several).
+    """
+
+    def __init__(
+        self, metrics: Metrics, organization: str | None = None, *, pooled: bool = False
+    ) -> None:
+        labels = {} if organization is None else {"organization": organization}
+        self._pooled = pooled
+        self._loaded = (
+            metrics.credential_loaded.labels(**labels) if labels else metrics.credential_loaded
+        )
+        self._version = None
+        if not pooled:
+            version = metrics.credential_version
+            self._version = version.labels(**labels) if labels else version
+        last = metrics.credential_last_reload
+        self._last_reload = last.labels(**labels) if labels else last
+        self._success = metrics.credential_reloads.labels(result="success", **labels)
+        self._failure = metrics.credential_reloads.labels(result="failure", **labels)
+
+    def reloaded(self, ok: bool, now: float) -> None:
+        if ok:
+            self._success.inc()
+            self._last_reload.set(now)
+        else:
+            self._failure.inc()
+
+    def in_hand(self, version: int, first: bool) -> None:
+        """A credential is in use now (`first`: the store had none before)."""
+        if self._pooled:
+            if first:
+                self._loaded.inc()
+        else:
+            self._loaded.set(1)
+        if self._version is not None:
+            self._version.set(version)
+
+    def dropped(self) -> None:
+        """A pooled store that held a credential was let go."""
+        if self._pooled:
+            self._loaded.dec()
+
+
 @dataclass(frozen=True, slots=True)
 class ReloadTrouble:
     """Fetches have failed `failures` times in a row since `since` (Unix time)."""
@@ -192,6 +250,21 @@ class ReloadTrouble:
     reason: str  # safe to log and to show on /readyz
     since: float
     failures: int
+
+
+class Credentials(Protocol):
+    """What the upstream client asks for a fetch: the store of the organization's token.
+
+    A `CredentialStore` answers for every organization; `OrganizationCredentials`
+    (organizations.py) has one per organization. `NoCredential` when there is none.
+    """
+
+    per_organization: bool
+
+    async def store_for(self, organization: str) -> CredentialStore: ...
+
+    def wake(self) -> None:
+        """Fetch every token now (SIGHUP)."""
 
 
 class CredentialStore:
@@ -213,9 +286,12 @@ class CredentialStore:
         wait: Callable[[asyncio.Event, float], Awaitable[None]] = SYSTEM_CLOCK.wait,
         max_backoff_s: float = 60.0,
         task_backoff: Backoff = DEFAULT_BACKOFF,
+        series: CredentialSeries | None = None,
+        organization: str | None = None,
     ) -> None:
         self.source = source
         self._metrics = metrics
+        self._series = series or CredentialSeries(metrics)
         self._clock = clock
         self._wait_for = wait
         self._max_backoff_s = max_backoff_s
@@ -228,6 +304,15 @@ class CredentialStore:
         self._failing_since = 0.0
         self._last_reason = ""
         self._fetches = 0  # fetches finished, successful or not
+        # Log lines name the organization of a per-organization store.
+        self._where = {} if organization is None else {"organization": organization}
+
+    # One token for every organization (see organizations.py for one each).
+    per_organization = False
+
+    async def store_for(self, organization: str) -> CredentialStore:
+        """The store for any organization: this one."""
+        return self
 
     async def refresh(self, force: bool = False) -> bool:
         """Fetch once; swap in a new credential. Returns False when the fetch failed."""
@@ -246,17 +331,16 @@ class CredentialStore:
         self._failures = 0
         if credential is None:
             return True
-        self._metrics.credential_reloads.labels(result="success").inc()
-        self._metrics.credential_last_reload.set(self._clock())
+        self._series.reloaded(True, self._clock())
         if credential != self.current:
             previous = self.current
             self.current = credential
             self.not_ready_reason = ""
-            self._metrics.credential_loaded.set(1)
-            self._metrics.credential_version.set(credential.version)
+            self._series.in_hand(credential.version, first=previous is None)
             log.info(
                 "credential_reloaded",
                 source=self.source.name,
+                **self._where,
                 version=credential.version,
                 previous_version=None if previous is None else previous.version,
             )
@@ -267,7 +351,7 @@ class CredentialStore:
         self._failures += 1
         if self._failures == 1:
             self._failing_since = self._clock()
-        self._metrics.credential_reloads.labels(result="failure").inc()
+        self._series.reloaded(False, self._clock())
         if isinstance(exc, CredentialError):
             reason = str(exc)
             extra: dict[str, str] = {}
@@ -285,6 +369,7 @@ class CredentialStore:
             reason=reason,
             keeping_last=self.current is not None,
             failures=self._failures,
+            **self._where,
             **extra,
         )
 
@@ -316,6 +401,11 @@ class CredentialStore:
     def wake(self) -> None:
         """Ask the refresher to fetch now (SIGHUP)."""
         self._wake.set()
+
+    def dropped(self) -> None:
+        """This store is let go (an on-demand token evicted): its series say so."""
+        if self.current is not None:
+            self._series.dropped()
 
     def _next_delay(self) -> float:
         base = self.source.poll_interval_s

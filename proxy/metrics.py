@@ -36,8 +36,14 @@ BACKGROUND_TASKS = ("credential_refresher",)
 class Metrics:
     """Every metric of the service, in a registry of its own (two apps never collide)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, per_organization: bool = False
+    ) -> None:
         self.registry = r = registry if registry is not None else CollectorRegistry()
+        # With credential.per_organization, the credential series carry `organization`:
+        # each named organization, and `other` for every one loaded on demand.
+        self.per_organization = per_organization
+        org: list[str] = ["organization"] if per_organization else []
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
@@ -115,22 +121,27 @@ class Metrics:
             registry=r,
         )
         self.credential_loaded = Gauge(
-            "invoice_proxy_credential_loaded", "1 while a credential is in hand.", registry=r
+            "invoice_proxy_credential_loaded",
+            "1 while a credential is in hand (organization other: how many are).",
+            org,
+            registry=r,
         )
         self.credential_reloads = Counter(
             "invoice_proxy_credential_reloads_total",
             "Credential fetches from the source, by result.",
-            ["result"],
+            [*org, "result"],
             registry=r,
         )
         self.credential_last_reload = Gauge(
             "invoice_proxy_credential_last_reload_timestamp_seconds",
             "Unix time of the last successful credential fetch.",
+            org,
             registry=r,
         )
         self.credential_version = Gauge(
             "invoice_proxy_credential_version",
             "The Vault KV version of the credential in use (0 for other sources).",
+            org,
             registry=r,
         )
         self.upstream_credential_rejections = Counter(
@@ -152,8 +163,9 @@ class Metrics:
         )
         # Pre-create the fixed label sets so every series exists from the start
         # (rate() over a series that appears late misses its first increments).
-        for result in ("success", "failure"):
-            self.credential_reloads.labels(result=result)
+        if not per_organization:
+            for result in ("success", "failure"):
+                self.credential_reloads.labels(result=result)
         for task in BACKGROUND_TASKS:
             self.background_task_failures.labels(task=task)
         for result in ("hit", "miss", "stale", "coalesced"):
@@ -175,6 +187,13 @@ class Metrics:
         """Make each configured caller's success series exist from the start."""
         for name in callers:
             self._requests.setdefault((name, 200), self.requests.labels(caller=name, code="200"))
+
+    def init_organizations(self, names: list[str]) -> None:
+        """With per_organization: each organization's credential series exist from the start."""
+        for name in names:
+            for result in ("success", "failure"):
+                self.credential_reloads.labels(organization=name, result=result)
+            self.credential_loaded.labels(organization=name)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -27,6 +27,7 @@ import math
 import secrets
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import NamedTuple, TypeVar
 
@@ -197,7 +198,9 @@ class SharedStore:
 
     Keys: `{namespace}:v1:inv:{org:id}` holds an answer, `{namespace}:v1:lock:{org:id}`
     the claim on its fetch (the braces make both one Redis Cluster slot), and
-    `{namespace}:v1:budget` the fleet's budget. Organization and id never hold `:`.
+    `{namespace}:v1:budget` the fleet's budget (with credential.per_organization, one per
+    organization: `{namespace}:v1:budget:{org}`; each script touches one key, so one
+    Redis Cluster slot). Organization and id never hold `:`.
 
     Built with the client (`redis_connection.make_client`, which connects nothing yet);
     `lifetime` connects it at start-up and closes it at shutdown.
@@ -411,17 +414,20 @@ class SharedStore:
         )
         return bool(renewed == 1)
 
-    async def take_budget(self, max_wait_s: float) -> Budget:
-        """One upstream request from the fleet's budget; see `Budget`."""
+    def budget_key(self, organization: str) -> str:
+        """The budget's key: the fleet's one, or (non-empty `organization`) its own."""
+        return f"{self._budget_key}:{organization}" if organization else self._budget_key
+
+    async def take_budget(self, max_wait_s: float, organization: str = "") -> Budget:
+        """One upstream request from the fleet's budget (or `organization`'s); see `Budget`."""
         interval_us, burst = self._budget_args
         max_wait_us = round(max_wait_s * 1_000_000)
         # No replica books further ahead than burst, one interval and its wait; twice
         # that leaves room for replicas configured otherwise during a rollout.
         bound_us = 2 * ((burst + 1) * interval_us + max_wait_us) + 1_000_000
         args = [interval_us, burst, max_wait_us, bound_us]
-        reply = await self._run(
-            "budget", lambda _: self._budget(keys=[self._budget_key], args=args)
-        )
+        key = self.budget_key(organization)
+        reply = await self._run("budget", lambda _: self._budget(keys=[key], args=args))
         try:
             granted, wait_us = int(reply[0]), int(reply[1])
         except (TypeError, ValueError, IndexError):
@@ -501,7 +507,7 @@ class Turn:
     def __init__(
         self,
         store: SharedStore,
-        budget: Callable[[], Awaitable[None]],
+        budget: Callable[[str], Awaitable[None]],
         organization: str,
         invoice_id: str,
         *,
@@ -520,7 +526,7 @@ class Turn:
     async def fetch(self, upstream: Callable[[], Awaitable[Fetched]]) -> Fetched:
         """Ask PlanetScale within the fleet budget; on failure the lock is dropped at once."""
         try:
-            await self._budget()
+            await self._budget(self._organization)
             return await upstream()
         except BaseException:
             if self.token is not None:
@@ -562,9 +568,15 @@ class SharedLevel:
         *,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        per_organization: bool = False,
+        max_budgets: int = 1,
     ) -> None:
         self._config = config
         self._strict = upstream_config.strict_schema
+        # With per_organization, a budget per organization (PlanetScale's limits are per
+        # organization), the `max_budgets` most recently used ones queued here.
+        self._per_organization = per_organization
+        self._max_budgets = max(1, max_budgets)
         # A holder renews its lock while it fetches, and a fetch ends within the
         # upstream deadline; a holder that died lets its lock expire within lock_ttl_s.
         self._max_lock_wait_s = config.lock_ttl_s + upstream_config.deadline_s
@@ -586,18 +598,32 @@ class SharedLevel:
         self._waited = budget.labels(result="waited")
         self._refused = budget.labels(result="refused")
         self._budget_unavailable = budget.labels(result="unavailable")
-        # Waiting fetches of this replica, served in turn; one booking in Redis at a time.
-        interval_s = 60.0 / upstream_config.fleet_rate_per_minute
-        burst = upstream_config.fleet_burst
-        self._budget_queue: FairQueue[Counter] = FairQueue(
-            self._book_budget,
+        self._interval_s = 60.0 / upstream_config.fleet_rate_per_minute
+        self._burst = upstream_config.fleet_burst
+        self._budget_queues: OrderedDict[str, FairQueue[Counter]] = OrderedDict()
+
+    def _budget_queue(self, organization: str) -> FairQueue[Counter]:
+        """Waiting fetches of this replica for one budget, served in turn; one booking in
+        Redis at a time."""
+        key = organization if self._per_organization else ""
+        queue = self._budget_queues.get(key)
+        if queue is not None:
+            self._budget_queues.move_to_end(key)
+            return queue
+        interval_s, burst = self._interval_s, self._burst
+        queue = FairQueue(
+            lambda max_wait_s: self._book_budget(max_wait_s, key),
             # Optimistic (the burst unspent, no other replica waiting): only a wait that
             # cannot fit is refused before asking Redis, whose booking has the last word.
             lambda grants: max(0, grants - burst) * interval_s,
-            clock=monotonic,
-            sleep=sleep,
+            clock=self._monotonic,
+            sleep=self._sleep,
             name="fleet-budget",
         )
+        self._budget_queues[key] = queue
+        if len(self._budget_queues) > self._max_budgets:
+            self._budget_queues.popitem(last=False)
+        return queue
 
     @contextlib.asynccontextmanager
     async def claim(self, organization: str, invoice_id: str) -> AsyncIterator[Turn]:
@@ -702,7 +728,7 @@ class SharedLevel:
                 log.error("shared_lock_renewal_failed", error=type(exc).__name__)
                 return
 
-    async def _take_budget(self) -> None:
+    async def _take_budget(self, organization: str) -> None:
         """A request from the fleet's budget, in this fetch's lane's turn.
 
         It waits while the wait fits `fleet_max_wait_s` (the deadline less the attempt's
@@ -711,7 +737,8 @@ class SharedLevel:
         """
         start = self._monotonic()
         try:
-            counted = await self._budget_queue.acquire(FAIR_LANE.get(), self._fleet_max_wait_s)
+            queue = self._budget_queue(organization)
+            counted = await queue.acquire(FAIR_LANE.get(), self._fleet_max_wait_s)
         except Refused as refused:
             self._refused.inc()
             raise UpstreamFailure(
@@ -722,10 +749,11 @@ class SharedLevel:
         counted.inc()
         spend_deadline(self._monotonic() - start)
 
-    async def _book_budget(self, max_wait_s: float) -> tuple[float, Counter]:
+    async def _book_budget(self, max_wait_s: float, organization: str) -> tuple[float, Counter]:
         """The fleet's next request: (wait, the counter of how it went), or `Refused`."""
+        store = self._store
         try:
-            budget = await _twice(self._store, lambda: self._store.take_budget(max_wait_s))
+            budget = await _twice(store, lambda: store.take_budget(max_wait_s, organization))
         except Unavailable:
             return 0.0, self._budget_unavailable  # an outage: the local rate cap still holds
         except Exception as exc:

@@ -21,6 +21,8 @@ import contextlib
 import math
 import random
 import time
+import weakref
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -34,7 +36,7 @@ from yarl import URL
 
 from . import __version__
 from .config import UpstreamConfig
-from .credential import Credential, CredentialStore
+from .credential import Credential, Credentials, CredentialStore, NoCredential
 from .invoice import InvalidInvoice, InvoiceFacts, check_invoice, safe_field_names
 from .metrics import Metrics
 from .resilience import FAIR_LANE, CircuitBreaker, CircuitState, FairQueue, Refused, TokenBucket
@@ -146,8 +148,49 @@ def _no_credential() -> UpstreamFailure:
     )
 
 
+def _no_organization_credential(missing: NoCredential) -> UpstreamFailure:
+    return UpstreamFailure(
+        FailureKind.NO_CREDENTIAL,
+        "the proxy has no PlanetScale token for this organization; try again later",
+        retry_after=missing.retry_after_s,
+    )
+
+
 def _invalid(message: str) -> UpstreamFailure:
     return UpstreamFailure(FailureKind.INVALID_RESPONSE, message)
+
+
+class _Lane:
+    """What PlanetScale limits per organization: the rate cap and the circuit breaker.
+
+    One lane for every organization without credential.per_organization; with it, one
+    per organization (PlanetScale's limits and outages are per organization).
+    """
+
+    __slots__ = ("bucket", "circuit", "rate")
+
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        book: Callable[[_Lane, float], Awaitable[tuple[float, bool]]],
+        on_change: Callable[[CircuitState], None],
+        *,
+        clock: Callable[[], float],
+        sleep: Callable[[float], Awaitable[None]],
+    ) -> None:
+        self.bucket = TokenBucket(config.rate_per_s, config.burst, clock)
+        bucket = self.bucket
+        self.rate: FairQueue[bool] = FairQueue(
+            lambda max_wait_s: book(self, max_wait_s),
+            bucket.debt,
+            take_now=lambda: True if bucket.try_take() == 0.0 else None,
+            clock=clock,
+            sleep=sleep,
+            name="upstream-rate",
+        )
+        self.circuit = CircuitBreaker(
+            config.circuit_failures, config.circuit_open_s, clock, on_change=on_change
+        )
 
 
 @dataclass(slots=True)
@@ -155,6 +198,8 @@ class _Fetch:
     """One caller request's worth of upstream work, as every layer below the loop sees it."""
 
     deadline: float  # monotonic
+    store: CredentialStore  # where this organization's token is read
+    lane: _Lane
     refused: list[Credential] = field(default_factory=list)  # refused so far, in order
     failed: UpstreamFailure | None = None  # what made the current attempt a retry
 
@@ -245,47 +290,53 @@ class CredentialMiddleware:
 
     def __init__(
         self,
-        credentials: CredentialStore,
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._credentials = credentials
         self._metrics = metrics
         self._clock = clock
-        # The credential PlanetScale just refused, while its reload is under way: sends
-        # that would carry it wait for the reload (`_settled`) instead.
-        self._refused: Credential | None = None
-        self._reloaded = asyncio.Event()
-        self._reloaded.set()
+        # Per store (one per organization with per_organization): a refusal of one
+        # organization's token makes only that organization's sends wait.
+        self._guards: weakref.WeakKeyDictionary[CredentialStore, _Guard] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _guard(self, store: CredentialStore) -> _Guard:
+        guard = self._guards.get(store)
+        if guard is None:
+            guard = self._guards[store] = _Guard()
+        return guard
 
     async def __call__(
         self, request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
     ) -> aiohttp.ClientResponse:
         attempt = _ATTEMPT.get()
+        fetch = attempt.fetch
+        guard = self._guard(fetch.store)
         while True:
-            credential = await self._settled(attempt.fetch.deadline)
+            credential = await self._settled(fetch.store, guard, fetch.deadline)
             request.headers[hdrs.AUTHORIZATION] = credential.header
             attempt.begin()
             response = await handler(request)
             if response.status not in _REJECTED:
                 return response
             # At the moment the status line arrives, before any other task can send.
-            self._refusal_seen(credential)
+            guard.refusal_seen(credential)
             response.release()
             await response.wait_for_close()
             attempt.refused(response.status)
-            await self._reload(attempt.fetch, credential)
+            await self._reload(fetch, guard, credential)
             await attempt.again()
 
-    async def _reload(self, fetch: _Fetch, credential: Credential) -> None:
+    async def _reload(self, fetch: _Fetch, guard: _Guard, credential: Credential) -> None:
         """After PlanetScale refused `credential`: the newest one, or the final failure."""
         self._metrics.upstream_credential_rejections.inc()
         # Final when the reload did not help (the same credential refused again), not
         # when a rotation overtook the resend (a newer one refused): that one is
         # reloaded and tried once more too.
         if credential in fetch.refused or len(fetch.refused) >= _MAX_RELOADS:
-            self._settle(credential)
+            guard.settle(credential)
             log.error("upstream_credential_rejected", version=credential.version)
             raise UpstreamFailure(
                 FailureKind.CREDENTIAL_REJECTED,
@@ -294,51 +345,64 @@ class CredentialMiddleware:
         fetch.refused.append(credential)
         log.warning("upstream_refused_credential", version=credential.version)
         try:
-            await self._credentials.reload_after_rejection(credential)
+            await fetch.store.reload_after_rejection(credential)
         finally:
-            self._settle(credential)
+            guard.settle(credential)
 
-    async def _settled(self, deadline: float) -> Credential:
+    async def _settled(self, store: CredentialStore, guard: _Guard, deadline: float) -> Credential:
         """The credential to send now: read at the last moment, after every other wait.
 
         While a reload after PlanetScale refused the current credential is under way,
         it is awaited (briefly, within the deadline), so the send carries the new one
         rather than the one just refused.
         """
-        credential = self._credentials.current
-        if credential is not None and credential == self._refused:
+        credential = store.current
+        if credential is not None and credential == guard.refused:
             wait = min(_SETTLE_MAX_S, deadline - self._clock() - 0.001)
             if wait > 0:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
-                        await self._reloaded.wait()
-            credential = self._credentials.current
+                        await guard.reloaded.wait()
+            credential = store.current
         if credential is None:
             raise _no_credential()
         return credential
 
-    def _refusal_seen(self, credential: Credential) -> None:
-        if self._refused != credential:
-            self._refused = credential
-            self._reloaded.clear()
 
-    def _settle(self, credential: Credential) -> None:
-        if self._refused is not None and self._refused == credential:
-            self._refused = None
-            self._reloaded.set()
+class _Guard:
+    """The credential PlanetScale just refused, while its reload is under way: sends that
+    would carry it wait for the reload (`CredentialMiddleware._settled`) instead."""
+
+    __slots__ = ("refused", "reloaded")
+
+    def __init__(self) -> None:
+        self.refused: Credential | None = None
+        self.reloaded = asyncio.Event()
+        self.reloaded.set()
+
+    def refusal_seen(self, credential: Credential) -> None:
+        if self.refused != credential:
+            self.refused = credential
+            self.reloaded.clear()
+
+    def settle(self, credential: Credential) -> None:
+        if self.refused is not None and self.refused == credential:
+            self.refused = None
+            self.reloaded.set()
 
 
 @contextlib.asynccontextmanager
 async def open_upstream(
     config: UpstreamConfig,
-    credentials: CredentialStore,
+    credentials: Credentials,
     metrics: Metrics,
     *,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    max_lanes: int = 1,
 ) -> AsyncIterator[Upstream]:
     """The client and its session, for as long as the block (a cleanup context) lasts."""
-    middleware = CredentialMiddleware(credentials, metrics, clock=clock)
+    middleware = CredentialMiddleware(metrics, clock=clock)
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=config.max_connections, ttl_dns_cache=300),
         timeout=aiohttp.ClientTimeout(total=config.timeout_s, connect=config.connect_timeout_s),
@@ -352,21 +416,29 @@ async def open_upstream(
         # and within the deadline; theirs would double what PlanetScale sees on a
         # reset. There is no public switch; aiohttp's own TestClient does the same.
         session._retry_connection = False
-        yield Upstream(config, session, credentials, metrics, clock=clock, sleep=sleep)
+        yield Upstream(
+            config, session, credentials, metrics, clock=clock, sleep=sleep, max_lanes=max_lanes
+        )
 
 
 class Upstream:
-    """Fetches one invoice from PlanetScale, over a session with `CredentialMiddleware`."""
+    """Fetches one invoice from PlanetScale, over a session with `CredentialMiddleware`.
+
+    With `credentials.per_organization`, each organization has its own lane (rate cap,
+    circuit breaker): the `max_lanes` most recently used ones are kept. The concurrency
+    slots and the connection pool are the process's, shared by all.
+    """
 
     def __init__(
         self,
         config: UpstreamConfig,
         session: aiohttp.ClientSession,
-        credentials: CredentialStore,
+        credentials: Credentials,
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        max_lanes: int = 1,
     ) -> None:
         self._config = config
         self._metrics = metrics
@@ -379,22 +451,9 @@ class Upstream:
         # The total is each send's own timer (`_Attempt.begin`), armed after its waits.
         self._timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout_s)
         self._slots = asyncio.Semaphore(config.max_concurrency)
-        self._bucket = TokenBucket(config.rate_per_s, config.burst, clock)
-        self._rate: FairQueue[bool] = FairQueue(
-            self._book_rate_token,
-            self._bucket.debt,
-            take_now=self._take_free_token,
-            clock=clock,
-            sleep=sleep,
-            name="upstream-rate",
-        )
         self._room = attempt_room_s(config)
-        self.circuit = CircuitBreaker(
-            config.circuit_failures,
-            config.circuit_open_s,
-            clock,
-            on_change=self._circuit_changed,
-        )
+        self._lanes: OrderedDict[str, _Lane] = OrderedDict()
+        self._max_lanes = max(1, max_lanes)
         self._drift_logged: set[tuple[str, ...]] = set()
 
     def url(self, organization: str, invoice_id: str) -> URL:
@@ -404,39 +463,67 @@ class Upstream:
         )
         return URL(self._base + path, encoded=True)
 
+    def lane(self, organization: str) -> _Lane:
+        """The organization's rate cap and circuit breaker (the one lane, when shared)."""
+        key = organization if self._credentials.per_organization else ""
+        lane = self._lanes.get(key)
+        if lane is not None:
+            self._lanes.move_to_end(key)
+            return lane
+        lane = _Lane(
+            self._config,
+            self._book_rate_token,
+            lambda state: self._circuit_changed(state, key),
+            clock=self._clock,
+            sleep=self._sleep,
+        )
+        self._lanes[key] = lane
+        if len(self._lanes) > self._max_lanes:
+            self._lanes.popitem(last=False)
+            self._circuit_changed(None, "")
+        return lane
+
     async def fetch(self, organization: str, invoice_id: str) -> Fetched:
         """One caller request's worth of upstream work, behind the circuit breaker."""
-        if not self.circuit.allow():
+        try:
+            store = await self._credentials.store_for(organization)
+        except NoCredential as missing:
+            raise _no_organization_credential(missing) from None
+        lane = self.lane(organization)
+        circuit = lane.circuit
+        if not circuit.allow():
             raise UpstreamFailure(
                 FailureKind.CIRCUIT_OPEN,
                 "PlanetScale is failing; the proxy stopped calling it for a moment",
-                retry_after=self.circuit.retry_after(),
+                retry_after=circuit.retry_after(),
             )
         try:
-            result = await self._fetch_with_retries(organization, invoice_id)
+            result = await self._fetch_with_retries(organization, invoice_id, store, lane)
         except UpstreamFailure as failure:
             if failure.counts:
-                self.circuit.record_failure()
+                circuit.record_failure()
             else:
-                self.circuit.release()
+                circuit.release()
             raise
         except BaseException:
-            self.circuit.release()
+            circuit.release()
             raise
-        self.circuit.record_success()
+        circuit.record_success()
         return result
 
-    async def _fetch_with_retries(self, organization: str, invoice_id: str) -> Fetched:
+    async def _fetch_with_retries(
+        self, organization: str, invoice_id: str, store: CredentialStore, lane: _Lane
+    ) -> Fetched:
         """Attempts within one deadline, with backoff; PlanetScale's Retry-After honoured."""
         config = self._config
         spent = _SPENT.get()
         if spent:
             _SPENT.set(0.0)
-        fetch = _Fetch(self._clock() + config.deadline_s - spent)
+        fetch = _Fetch(self._clock() + config.deadline_s - spent, store, lane)
         url = self.url(organization, invoice_id)
         attempt = 0
         while True:
-            if self._credentials.current is None:
+            if store.current is None:
                 raise _no_credential()
             if fetch.deadline - self._clock() <= 0:
                 raise _timeout(counts=True)
@@ -473,7 +560,7 @@ class Upstream:
         """
         bound = min(self._config.max_queue_wait_s, fetch.deadline - self._clock() - self._room)
         try:
-            await self._rate.acquire(FAIR_LANE.get(), max(0.0, bound), first=first)
+            await fetch.lane.rate.acquire(FAIR_LANE.get(), max(0.0, bound), first=first)
         except Refused as refused:
             if fetch.failed is not None:
                 raise fetch.failed.final() from None
@@ -484,14 +571,11 @@ class Upstream:
                 retry_after=refused.retry_after_s,
             ) from None
 
-    def _take_free_token(self) -> bool | None:
-        # FairQueue's `take_now`: None is "no token free now".
-        return True if self._bucket.try_take() == 0.0 else None
-
-    async def _book_rate_token(self, max_wait_s: float) -> tuple[float, bool]:
-        wait = self._bucket.reserve(max_wait_s)
+    @staticmethod
+    async def _book_rate_token(lane: _Lane, max_wait_s: float) -> tuple[float, bool]:
+        wait = lane.bucket.reserve(max_wait_s)
         if wait is None:
-            raise Refused(self._bucket.debt(1))
+            raise Refused(lane.bucket.debt(1))
         return wait, True
 
     async def _attempt(self, url: URL, fetch: _Fetch) -> Fetched:
@@ -615,9 +699,13 @@ class Upstream:
             self._metrics.upstream_schema_drift.labels(kind="string_total").inc()
         return facts
 
-    def _circuit_changed(self, state: CircuitState) -> None:
-        self._metrics.upstream_circuit_state.set(int(state))
-        log.warning("upstream_circuit_changed", state=state.name.lower())
+    def _circuit_changed(self, state: CircuitState | None, organization: str) -> None:
+        # One gauge for all lanes: the worst state of any organization's circuit.
+        worst = max((int(lane.circuit.state) for lane in self._lanes.values()), default=0)
+        self._metrics.upstream_circuit_state.set(worst)
+        if state is not None:
+            where = {"organization": organization} if organization else {}
+            log.warning("upstream_circuit_changed", state=state.name.lower(), **where)
 
 
 def _requested_id(response: aiohttp.ClientResponse) -> str:

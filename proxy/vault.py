@@ -108,9 +108,7 @@ class VaultSource:
         self._address = config.address
 
     def __repr__(self) -> str:
-        return (
-            f"VaultSource(address={self._address!r}, secret={self.path!r}, auth={self._auth!r})"
-        )
+        return f"VaultSource(address={self._address!r}, secret={self.path!r}, auth={self._auth!r})"
 
     async def fetch(self, force: bool) -> Credential:
         """Read the secret now (every poll is a read: KV v2 has no cheaper change check)."""
