@@ -57,9 +57,14 @@ class OpenBaoError(Exception):
 class OpenBao(ServerProcess):
     """A running `bao server -dev`, its address and root token, and API helpers."""
 
-    def __init__(self, workdir: Path, *, port: int | None = None, tls: bool = False) -> None:
+    def __init__(
+        self, workdir: Path, *, port: int | None = None, tls: bool = False, audit: bool = False
+    ) -> None:
         super().__init__()
         self.workdir = workdir
+        # With `audit`, every request the server receives is a line of this file (OpenBao
+        # takes audit devices from its configuration only, not from the API).
+        self.audit_log = workdir / "audit.log" if audit else None
         self.port = port or free_port()
         self.tls = tls
         self.root_token = "root-" + secrets.token_hex(16)
@@ -82,6 +87,13 @@ class OpenBao(ServerProcess):
         if self.tls:
             args += ["-dev-tls", f"-dev-tls-cert-dir={self.workdir}"]
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.audit_log is not None:
+            config = self.workdir / "audit.hcl"
+            config.write_text(
+                f'audit "file" "requests" {{\n  options {{\n    file_path = "{self.audit_log}"'
+                "\n  }\n}\n"
+            )
+            args.append(f"-config={config}")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
         with open(self.workdir / "bao.log", "ab") as out:
             self.process = subprocess.Popen(
@@ -226,9 +238,9 @@ class OpenBao(ServerProcess):
 
 
 @contextmanager
-def running_openbao(workdir: Path, *, tls: bool = False) -> Iterator[OpenBao]:
+def running_openbao(workdir: Path, *, tls: bool = False, audit: bool = False) -> Iterator[OpenBao]:
     """A dev server for the block, stopped (killed if need be) at the end."""
-    server = OpenBao(workdir, tls=tls).start()
+    server = OpenBao(workdir, tls=tls, audit=audit).start()
     try:
         yield server
     finally:
