@@ -91,9 +91,8 @@ class OrganizationCredentials:
         self._tasks: list[asyncio.Task[NoReturn]] = []
         self.on_demand: OrderedDict[str, _Held] = OrderedDict()
         self._loading: dict[str, asyncio.Task[CredentialStore]] = {}
-        # Organization -> (monotonic time until which it is answered at once, the reason).
+        # Organization -> the monotonic time until which its failed load stands.
         self._missing: OrderedDict[str, float] = OrderedDict()
-        self.loads = 0  # on-demand loads tried (each one read of the source)
 
     def _store(self, organization: str, series: CredentialSeries) -> CredentialStore:
         return CredentialStore(
@@ -133,7 +132,6 @@ class OrganizationCredentials:
 
     async def _load(self, organization: str) -> CredentialStore:
         try:
-            self.loads += 1
             store = self._store(organization, CredentialSeries(self._metrics, OTHER, pooled=True))
             # Never raises: a failure is counted and logged with the organization.
             if not await store.refresh(force=True) or store.current is None:

@@ -20,11 +20,12 @@ from typing import Any
 
 import pytest
 import redis.asyncio
+import structlog
 from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.app import ADMIN_APP, CREDENTIAL_SET, init_app
 from proxy.auth import key_digest
-from proxy.config import parse_config
+from proxy.config import ConfigError, parse_config
 from proxy.metrics import Metrics
 from proxy.organizations import OrganizationCredentials
 from proxy.standin import Behaviour
@@ -132,7 +133,6 @@ def per_organization_config(
     token_file = tmp_path / "vault-token"
     token_file.write_text(bao.create_token(["invoice-proxy"]))
     vault = {
-        **(vault or {}),
         "address": bao.address,
         "mount": MOUNT,
         "path": f"{PREFIX}/{{organization}}",
@@ -140,7 +140,8 @@ def per_organization_config(
         "token_file": str(token_file),
         "timeout_s": 2.0,
         # No poll during a test unless asked: every read is a load or a reload.
-        "refresh_interval_s": (vault or {}).get("refresh_interval_s", 3600.0),
+        "refresh_interval_s": 3600.0,
+        **(vault or {}),
     }
     data = config_dict(
         planetscale.base_url,
@@ -525,3 +526,143 @@ async def test_on_demand_tokens_for_star_callers_stay_within_their_bound(
         # Evicted ones were loaded again, each time with one read.
         assert [reads(bao, org) for org in orgs] == [2] * 6
     assert upstream.standin.stats.unauthorized == 0
+
+
+# -- one login, the other sources, the configuration ---------------------------------------
+
+
+async def test_one_vault_login_serves_every_organizations_reads(
+    bao: OpenBao, upstream: Upstream, tmp_path: Path
+) -> None:
+    orgs = [organization(f"unit{i}") for i in range(3)]
+    seed(bao, upstream, *orgs)
+    mount = bao.enable_auth("approle")
+    role_id, secret_id = bao.approle(mount, ["invoice-proxy"])
+    (tmp_path / "secret-id").write_text(secret_id)
+    approle = {
+        "auth": "approle",
+        "approle_mount": mount,
+        "role_id": role_id,
+        "secret_id_file": str(tmp_path / "secret-id"),
+    }
+    config = per_organization_config(
+        bao, upstream, tmp_path, {"billing": orgs[:2], "reporting": ["*"]}, vault=approle
+    )
+    with structlog.testing.capture_logs() as logs:
+        async with serve(config) as proxy:
+            for org in orgs:
+                assert await status(proxy, org, "inv_1", REPORTING) == 200
+            proxy.app[CREDENTIAL_SET].wake()
+            await wait_until(lambda: all(reads(bao, org) == 2 for org in orgs), "the re-reads")
+    assert [e["event"] for e in logs].count("vault_login") == 1
+    assert logins(bao, mount) == 1
+    text = "\n".join(str(e) for e in logs)
+    assert secret_id not in text
+
+
+def logins(bao: OpenBao, mount: str) -> int:
+    assert bao.audit_log is not None
+    return sum(
+        1
+        for line in bao.audit_log.read_text().splitlines()
+        if json.loads(line).get("type") == "request"
+        and json.loads(line).get("request", {}).get("path") == f"auth/{mount}/login"
+    )
+
+
+@pytest.mark.parametrize("source", ["file", "env"])
+async def test_file_and_env_sources_take_the_organization_from_the_template(
+    source: str, upstream: Upstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    orgs = ["acme", "acme-staging"]
+    tokens = {org: new_token() for org in orgs}
+    for org, token in tokens.items():
+        upstream.standin.accept_only(header(token), organization=org)
+        if source == "file":
+            (tmp_path / f"planetscale-{org}.json").write_text(json.dumps(token))
+        else:
+            var = org.upper().replace("-", "_")
+            monkeypatch.setenv(f"PLANETSCALE_{var}_TOKEN_ID", token["token_id"])
+            monkeypatch.setenv(f"PLANETSCALE_{var}_TOKEN", token["token"])
+    credential: dict[str, Any] = {"source": source, "per_organization": True}
+    if source == "file":
+        path = str(tmp_path / "planetscale-{organization}.json")
+        credential["file"] = {"path": path, "poll_interval_s": 0.05}
+    else:
+        credential["env"] = {
+            "token_id_var": "PLANETSCALE_{ORGANIZATION}_TOKEN_ID",
+            "token_var": "PLANETSCALE_{ORGANIZATION}_TOKEN",
+        }
+    data = config_dict(
+        upstream.base_url,
+        tmp_path / "unused.json",
+        credential=credential,
+        callers=callers(billing=orgs),
+    )
+    async with serve(parse_config(data)) as proxy:
+        for org in orgs:
+            assert await status(proxy, org, "inv_1", BILLING) == 200
+        if source == "file":
+            # One organization's file rotates; only that organization follows.
+            new = new_token()
+            upstream.standin.accept_only(header(new), organization="acme")
+            (tmp_path / "planetscale-acme.json.tmp").write_text(json.dumps(new))
+            (tmp_path / "planetscale-acme.json.tmp").rename(tmp_path / "planetscale-acme.json")
+            await wait_until(
+                lambda: (
+                    held(proxy).named["acme"].current is not None
+                    and held(proxy).named["acme"].current.token_id == new["token_id"]
+                ),
+                "the new file",
+            )
+            assert await status(proxy, "acme", "inv_2", BILLING) == 200
+            assert held(proxy).named["acme-staging"].current is not None
+    ids = upstream.standin.stats.token_ids
+    assert ids["acme-staging"] == {tokens["acme-staging"]["token_id"]}
+
+
+@pytest.mark.parametrize(
+    ("credential", "problem"),
+    [
+        (
+            {"source": "vault", "per_organization": True},
+            "credential.vault.path: must hold {organization} when per_organization = true",
+        ),
+        (
+            {"source": "file", "per_organization": True, "file": {"path": "/s/p.json"}},
+            "credential.file.path: must hold {organization} when per_organization = true",
+        ),
+        (
+            {"source": "env", "per_organization": True},
+            "credential.env.token_id_var: must hold {ORGANIZATION} when per_organization = true",
+        ),
+        (
+            {"source": "file", "file": {"path": "/s/planetscale-{organization}.json"}},
+            "credential.file.path: holds an organization placeholder: set per_organization = true",
+        ),
+    ],
+)
+def test_the_placeholder_and_per_organization_go_together(
+    credential: dict[str, Any], problem: str, tmp_path: Path
+) -> None:
+    vault = {"address": "https://vault.internal:8200", "auth": "token"}
+    if credential["source"] == "vault":
+        credential = {**credential, "vault": vault}
+    data = config_dict("https://api.planetscale.com/v1", tmp_path / "x.json", credential=credential)
+    with pytest.raises(ConfigError) as raised:
+        parse_config(data)
+    assert problem in raised.value.problems
+
+
+def test_metrics_must_match_per_organization(upstream: Upstream, tmp_path: Path) -> None:
+    data = config_dict(
+        upstream.base_url,
+        tmp_path / "unused.json",
+        credential={
+            "source": "file",
+            "per_organization": True,
+            "file": {"path": "/{organization}"},
+        },
+    )
+    with pytest.raises(ValueError, match="per_organization"):
+        init_app(parse_config(data), metrics=Metrics())
