@@ -194,8 +194,10 @@ class OrganizationCredentials:
         try:
             yield self
         finally:
-            for task in self._loading.values():
+            loading = list(self._loading.values())
+            for task in loading:
                 task.cancel()
+            await asyncio.gather(*loading, return_exceptions=True)
             for refresher in self._tasks:
                 await stop(refresher)
             while self.on_demand:

@@ -200,6 +200,7 @@ class _Fetch:
     deadline: float  # monotonic
     store: CredentialStore  # where this organization's token is read
     lane: _Lane
+    where: dict[str, str]  # for log lines: the organization, with per_organization
     refused: list[Credential] = field(default_factory=list)  # refused so far, in order
     failed: UpstreamFailure | None = None  # what made the current attempt a retry
 
@@ -337,13 +338,13 @@ class CredentialMiddleware:
         # reloaded and tried once more too.
         if credential in fetch.refused or len(fetch.refused) >= _MAX_RELOADS:
             guard.settle(credential)
-            log.error("upstream_credential_rejected", version=credential.version)
+            log.error("upstream_credential_rejected", version=credential.version, **fetch.where)
             raise UpstreamFailure(
                 FailureKind.CREDENTIAL_REJECTED,
                 "PlanetScale refused the proxy's service token, even after reloading it",
             )
         fetch.refused.append(credential)
-        log.warning("upstream_refused_credential", version=credential.version)
+        log.warning("upstream_refused_credential", version=credential.version, **fetch.where)
         try:
             await fetch.store.reload_after_rejection(credential)
         finally:
@@ -519,7 +520,8 @@ class Upstream:
         spent = _SPENT.get()
         if spent:
             _SPENT.set(0.0)
-        fetch = _Fetch(self._clock() + config.deadline_s - spent, store, lane)
+        where = {"organization": organization} if self._credentials.per_organization else {}
+        fetch = _Fetch(self._clock() + config.deadline_s - spent, store, lane, where)
         url = self.url(organization, invoice_id)
         attempt = 0
         while True:
