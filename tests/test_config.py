@@ -89,7 +89,10 @@ def test_caller_problems_name_the_caller_index(tmp_path: Path) -> None:
     assert "callers[0].key_sha256[0]: expected 64 lowercase hex digits (a SHA-256 digest)" in found
     assert "callers[0].organizations: must list at least one organization (or '*')" in found
     assert "callers[1].name: is required" in found
-    assert "callers[1].key_sha256: must list at least one digest" in found
+    assert (
+        "callers[1].key_sha256: the caller has no way to authenticate: list a digest, "
+        "a jwt_subjects or a certificate_uris entry"
+    ) in found
     assert "callers[1].organizations[0]: expected '*' or 1 to 64 of A-Z a-z 0-9 _ -" in found
 
 
