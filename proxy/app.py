@@ -77,7 +77,9 @@ def init_app(
     )
     sessions: dict[str, aiohttp.ClientSession] = {}  # by issuer name, open while serving
     issuers = [
-        JwksKeys(issuer, partial(sessions.__getitem__, issuer.name), metrics, monotonic=clock.monotonic)
+        JwksKeys(
+            issuer, partial(sessions.__getitem__, issuer.name), metrics, monotonic=clock.monotonic
+        )
         for issuer in config.issuers
     ]
     tokens = JwtVerifier(issuers, clock.time) if issuers else None

@@ -522,7 +522,9 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     callers: tuple[CallerConfig, ...] = key((), doc="[[callers]]: one table per calling service")
-    issuers: tuple[IssuerConfig, ...] = key((), doc="[[issuers]]: JWT issuers trusted to name callers")
+    issuers: tuple[IssuerConfig, ...] = key(
+        (), doc="[[issuers]]: JWT issuers trusted to name callers"
+    )
     shared: SharedConfig | None = None  # [shared]: the fleet level on Redis; None: off
 
 

@@ -213,12 +213,7 @@ class JwksKeys:
     async def _get_json(self, url: str, what: str) -> dict[str, Any]:
         headers = {"Accept": "application/json"}
         if self.config.token_file:
-            try:
-                with open(self.config.token_file, encoding="utf-8") as f:
-                    token = f.read(64 * 1024).strip()
-            except OSError as exc:
-                raise JwksError(f"token_file cannot be read ({exc.strerror})") from None
-            headers["Authorization"] = f"Bearer {token}"
+            headers["Authorization"] = f"Bearer {_read_token(self.config.token_file)}"
         timeout = aiohttp.ClientTimeout(total=self.config.timeout_s)
         try:
             async with self._session().get(
@@ -250,6 +245,15 @@ class JwksKeys:
         else:
             retry = Backoff(self.config.min_refresh_interval_s, self.config.refresh_interval_s)
             await sleep(retry.delay(self._failures))
+
+
+def _read_token(path: str) -> str:
+    """The bearer token for the JWKS endpoint (a projected token: small, local, re-read)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(64 * 1024).strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JwksError(f"token_file cannot be read ({type(exc).__name__})") from None
 
 
 def _signing_keys(keys: list[Any]) -> dict[str, dict[str, Any]]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -165,5 +164,3 @@ def certificate_uris(peercert: dict[str, Any] | None) -> list[str]:
     if not peercert:
         return []
     return [value for kind, value in peercert.get("subjectAltName", ()) if kind == "URI"]
-
-
