@@ -53,12 +53,11 @@ def load_context(config: TlsConfig) -> tuple[ssl.SSLContext, float]:
     """A server context for the pair (and the client CA), and the certificate's expiry."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    for path in (config.cert_file, config.key_file, config.client_ca_file):
+        if path:
+            _readable(path)
     try:
         context.load_cert_chain(config.cert_file, config.key_file)
-    except FileNotFoundError as exc:
-        raise TlsError(f"{exc.filename}: no such file") from None
-    except PermissionError as exc:
-        raise TlsError(f"{exc.filename}: cannot be read (permission denied)") from None
     except ssl.SSLError as exc:
         raise TlsError(
             f"cert_file and key_file do not load as a matching PEM pair ({exc.reason or 'ssl'})"
@@ -76,6 +75,18 @@ def load_context(config: TlsConfig) -> tuple[ssl.SSLContext, float]:
         # is presented must verify, or the handshake fails.
         context.verify_mode = ssl.CERT_OPTIONAL
     return context, _expiry(config.cert_file)
+
+
+def _readable(path: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise TlsError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise TlsError(f"{path}: is a directory, not a file") from None
+    except OSError as exc:
+        raise TlsError(f"{path}: cannot be read ({exc.strerror})") from None
 
 
 def _expiry(cert_file: str) -> float:
