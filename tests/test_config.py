@@ -250,7 +250,7 @@ SHARED = {"redis_url": "redis://127.0.0.1:6379/0"}
 def _number_keys() -> list[tuple[str | int, ...]]:
     """Every float key of the configuration, found by walking the dataclasses: a key added
     later is checked without a change here."""
-    from proxy.config import CallerConfig, Config, IssuerConfig, SharedConfig, TlsConfig
+    from proxy.config import CallerConfig, Config, SharedConfig
 
     hints_of = partial(
         get_type_hints, localns={"SharedConfig": SharedConfig, "CallerConfig": CallerConfig}
