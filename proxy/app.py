@@ -27,7 +27,7 @@ from .handlers import InvoiceHandler
 from .jwt_auth import JwksKeys, JwksRefreshers, JwtVerifier, open_session
 from .metrics import Metrics, SharedMetrics
 from .middleware import observe
-from .tls import ServerTls, TlsWatcher
+from .tls import ServerTls, watching
 from .upstream import Fetched, Upstream, open_upstream
 
 if TYPE_CHECKING:
@@ -101,10 +101,8 @@ def init_app(
         assert config.server.tls is not None
         tls = ServerTls(config.server.tls, metrics)  # a pair that does not load stops start-up
         app[TLS] = tls
-        watcher = TlsWatcher(tls, metrics, clock.sleep)
-        watcher.start()
-        yield
-        await watcher.stop()
+        async with watching(tls, metrics, clock.sleep):
+            yield
 
     async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         async with open_upstream(

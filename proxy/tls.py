@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -114,12 +116,13 @@ class ServerTls:
         self.config = config
         self._metrics = metrics
         self._signature = _signature(config.cert_file, config.key_file)
-        self._current, expiry = load_context(config)  # start-up: a bad pair is fatal
-        self._loaded_signature = self._signature
+        # Start-up: a bad pair is fatal. The pair loaded now is the first current one,
+        # and the listener's fixed context is the same object.
+        self.context, expiry = load_context(config)
+        self.context.sni_callback = self._choose
+        self._current = self.context
         metrics.tls_certificate_expiry.set(expiry)
         metrics.tls_reloads.labels(result="success").inc()
-        self.context, _ = load_context(config)
-        self.context.sni_callback = self._choose
         self.expires = expiry
 
     def _choose(self, connection: Any, _server_name: str | None, _context: Any) -> None:
@@ -149,25 +152,21 @@ class ServerTls:
         return True
 
 
-class TlsWatcher:
-    """The supervised task that polls the pair's files."""
+@asynccontextmanager
+async def watching(
+    tls: ServerTls, metrics: Metrics, sleep: Sleep = asyncio.sleep
+) -> AsyncIterator[ServerTls]:
+    """The supervised task that polls the pair's files, until the block ends."""
 
-    def __init__(self, tls: ServerTls, metrics: Metrics, sleep: Sleep = asyncio.sleep) -> None:
-        self._tls = tls
-        self._metrics = metrics
-        self._sleep = sleep
-        self._task: asyncio.Task[Any] | None = None
+    async def step() -> None:
+        await sleep(tls.config.poll_interval_s)
+        tls.poll()
 
-    async def _step(self) -> None:
-        await self._sleep(self._tls.config.poll_interval_s)
-        self._tls.poll()
-
-    def start(self) -> None:
-        self._task = start("tls_watcher", supervise("tls_watcher", self._step, self._metrics))
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            await stop(self._task)
+    task = start("tls_watcher", supervise("tls_watcher", step, metrics, sleep=sleep))
+    try:
+        yield tls
+    finally:
+        await stop(task)
 
 
 def certificate_uris(peercert: dict[str, Any] | None) -> list[str]:
