@@ -3,7 +3,7 @@
 `Settings` holds every round count, duration and size; `QUICK` is the smallest run
 that still exercises each measurement (`python -m bench.run --quick`). `Results` and
 `Fleet` are filled by bench/scenarios.py and read by bench/report.py; their
-`verdicts` judge the figures against the targets of issues 4 and 8.
+`verdicts` judge the figures against the targets of issues 4, 8 and 15.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ TARGET_BYTES_BEYOND_BODY = 1024
 # relative to their median), or within 5 % when the rounds agree better than that.
 FLEET_TOLERANCE = 0.05
 FLEET_PROXIES = 3  # A, B and C share one Redis
+# Issue 15: a JWT caller's hits at least this share of a key caller's.
+TARGET_JWT_RATIO = 0.9
+KEY_HTTP, JWT_HTTP, KEY_HTTPS = "key caller, HTTP", "JWT caller, HTTP", "key caller, HTTPS"
+CALLER_SIDES = (KEY_HTTP, JWT_HTTP, KEY_HTTPS)
 
 WITHOUT, WITH = "without [shared]", "with [shared], Redis up"
 LATENCY_KINDS = {
@@ -64,6 +68,8 @@ class Settings:
     fleet_requests: int = 300
     fleet_burst_rounds: int = 3
     fleet_warm_invoices: int = 100  # misses through each of the three before their bursts
+    # Callers and TLS (issue 15): hit throughput of a key and a JWT caller, HTTP and HTTPS.
+    caller_rounds: int = 4  # each round measures the three sides, in a rotating order
 
 
 # Every measurement once, as short as it can be: a check that the bench runs.
@@ -88,6 +94,7 @@ QUICK = Settings(
     fleet_requests=30,
     fleet_burst_rounds=1,
     fleet_warm_invoices=10,
+    caller_rounds=1,
 )
 
 
@@ -162,6 +169,38 @@ class Fleet:
 
 
 @dataclass
+class Callers:
+    """Issue 15's figures: a JWT caller against a key caller on one proxy, and HTTPS on a
+    twin proxy against plain HTTP, hit throughput (req/s) of each round by side."""
+
+    throughput: dict[str, list[float]] = field(default_factory=dict)  # by CALLER_SIDES
+    tls_version: str = ""  # as negotiated by Python's ssl with the HTTPS proxy
+    jwt_requests: int = 0  # answered 200 to the JWT caller during its rounds
+    jwt_refusals: int = 0  # invoice_proxy_jwt_refusals_total over the run (goal 0)
+
+    def ratios(self, side: str) -> list[float]:
+        """`side` / KEY_HTTP of each round (the two measured next to each other)."""
+        rounds = zip(self.throughput[side], self.throughput[KEY_HTTP], strict=True)
+        return [s / k for s, k in rounds]
+
+    def ratio(self, side: str) -> float:
+        return statistics.median(self.ratios(side))
+
+    def median(self, side: str) -> float:
+        return statistics.median(self.throughput[side])
+
+    def verdicts(self) -> list[tuple[str, bool, str]]:
+        ratio = self.ratio(JWT_HTTP)
+        return [
+            (
+                f"JWT-caller hit throughput >= {TARGET_JWT_RATIO} of a key caller's",
+                ratio >= TARGET_JWT_RATIO and self.jwt_refusals == 0,
+                f"{ratio:.3f}, {self.jwt_refusals} refusals",
+            ),
+        ]
+
+
+@dataclass
 class Results:
     started: str = ""
     settings: Settings = field(default_factory=Settings)
@@ -179,6 +218,7 @@ class Results:
     metrics_after: dict[str, float] = field(default_factory=dict)
     profile: profile.Profile | None = None
     fleet: Fleet = field(default_factory=Fleet)
+    callers: Callers = field(default_factory=Callers)
     noise: Noise = field(default_factory=Noise)
 
     def peak(self, server: str) -> float:
@@ -229,4 +269,5 @@ class Results:
                 f"{beyond:,.0f} B",
             ),
             *self.fleet.verdicts(self.settings),
+            *self.callers.verdicts(),
         ]

@@ -9,7 +9,9 @@ CLIENT_CORE. A failure is a `BenchError` with a message for the person at the te
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -24,7 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+import jwt
 import redis
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 
 from . import cpu
 
@@ -48,6 +55,10 @@ NOISE_LIMIT_CORES = 0.15
 # must not throttle.
 FLEET_RATE_PER_MINUTE = 600_000.0
 FLEET_BURST = 100_000
+# Issue 15: the bench proxies' JWT caller, and the audience of its token.
+JWT_CALLER = "bench-jwt"
+JWT_SUBJECT = "system:serviceaccount:bench:bench-jwt"
+JWT_AUDIENCE = "invoice-proxy"
 
 
 class BenchError(RuntimeError):
@@ -191,10 +202,15 @@ def proxy_config(
     cache: Mapping[str, object],
     logging: Mapping[str, object],
     shared: Mapping[str, object] | None = None,
+    tls: Mapping[str, object] | None = None,
+    issuer: Mapping[str, object] | None = None,
 ) -> str:
-    """An `invoice-proxy serve` configuration: on 127.0.0.1, a file credential, one caller."""
+    """An `invoice-proxy serve` configuration: on 127.0.0.1, a file credential, one caller
+    (a key); with `issuer`, an [[issuers]] table and a second caller named by JWT_SUBJECT;
+    with `tls`, [server.tls]."""
     tables: dict[str, Mapping[str, object]] = {
         "server": {"host": "127.0.0.1", "port": port, "admin_port": admin_port, **server},
+        **({"server.tls": tls} if tls else {}),
         "upstream": {"base_url": upstream_url, **upstream},
         **({"shared": shared} if shared else {}),
         "credential": {"source": "file"},
@@ -212,6 +228,15 @@ def proxy_config(
         f"key_sha256 = {_toml([digest])}",
         f"organizations = {_toml([ORGANIZATION])}",
     ]
+    if issuer:
+        lines += ["", "[[issuers]]", *(f"{key} = {_toml(v)}" for key, v in issuer.items())]
+        lines += [
+            "",
+            "[[callers]]",
+            f"name = {_toml(JWT_CALLER)}",
+            f"jwt_subjects = {_toml([JWT_SUBJECT])}",
+            f"organizations = {_toml([ORGANIZATION])}",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -235,9 +260,11 @@ class Proxy:
     def pid(self) -> int:
         return self.process.pid
 
+    tls: bool = False  # the API listener serves HTTPS
+
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def ready(self) -> bool:
         return http_get(f"http://127.0.0.1:{self.admin_port}/readyz")[0] == 200
@@ -256,9 +283,11 @@ def start_proxy(
     config: Callable[[int, int], str],
     core: str | None = SERVER_CORE,
     command: Sequence[str] = PROXY_COMMAND,
+    tls: bool = False,
 ) -> Proxy:
     """`invoice-proxy serve` with `config(port, admin_port)`, its output in `{name}.log`;
-    pinned to `core` (None: not pinned). Returns once it is ready."""
+    pinned to `core` (None: not pinned). Returns once it is ready (`tls`: its API
+    listener serves HTTPS; the admin one stays HTTP)."""
     port, admin_port = free_port(), free_port()
     path = workdir / f"{name}.toml"
     path.write_text(config(port, admin_port))
@@ -267,7 +296,7 @@ def start_proxy(
     what = f"invoice-proxy ({name})"
     # taskset execs the command: the same process
     process = processes.start(what, argv if core is None else pinned(core, argv), log)
-    proxy = Proxy(name, port, admin_port, process)
+    proxy = Proxy(name, port, admin_port, process, tls)
     wait_until(proxy.ready, what, process, log)
     return proxy
 
@@ -292,11 +321,20 @@ class Servers:
         _, body = http_get(f"http://127.0.0.1:{self.standin_port}/_control/stats")
         return dict(json.loads(body))
 
-    def start_proxy(self, processes: Processes, name: str, redis_url: str = "") -> Proxy:
-        """One more bench proxy; with `redis_url`, the fleet level is on."""
+    def start_proxy(
+        self,
+        processes: Processes,
+        name: str,
+        redis_url: str = "",
+        *,
+        issuer: Issuer | None = None,
+        tls: TlsPair | None = None,
+    ) -> Proxy:
+        """One more bench proxy; with `redis_url`, the fleet level is on; with `issuer`,
+        it has a JWT caller; with `tls`, its API listener serves HTTPS with that pair."""
         return _start_bench_proxy(
             processes, self.workdir, name, self.standin_port, self.credential, self.caller_key,
-            redis_url,
+            redis_url, issuer, tls,
         )  # fmt: skip
 
 
@@ -308,6 +346,8 @@ def _start_bench_proxy(
     credential: Path,
     caller_key: str,
     redis_url: str = "",
+    issuer: Issuer | None = None,
+    tls: TlsPair | None = None,
 ) -> Proxy:
     """A proxy as in production: uvloop, a JSON request log line per request, metrics."""
     upstream: dict[str, object] = {
@@ -331,9 +371,99 @@ def _start_bench_proxy(
             cache={"max_bytes": 1 << 30},
             logging={"level": "info", "format": "json"},
             shared={"redis_url": redis_url} if redis_url else None,
+            tls={"cert_file": str(tls.cert), "key_file": str(tls.key)} if tls else None,
+            issuer=issuer.table() if issuer else None,
         )
 
-    return start_proxy(processes, workdir, name, config)
+    return start_proxy(processes, workdir, name, config, tls=tls is not None)
+
+
+@dataclass(frozen=True)
+class TlsPair:
+    """A self-signed certificate for 127.0.0.1 and its key, as PEM files."""
+
+    cert: Path
+    key: Path
+
+
+def write_tls_pair(workdir: Path) -> TlsPair:
+    """An ECDSA P-256 pair, as cert-manager would issue it (wrk does not verify it)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "invoice-proxy bench")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    pair = TlsPair(workdir / "tls.crt", workdir / "tls.key")
+    pair.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pair.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return pair
+
+
+@dataclass(frozen=True)
+class Issuer:
+    """A JWT issuer for the bench: its JWKS served as a file by `python -m http.server`
+    (on the client core; idle while hits are measured), and the key that signs."""
+
+    port: int
+    private_key: rsa.RSAPrivateKey
+
+    @property
+    def issuer(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def table(self) -> dict[str, object]:
+        return {
+            "name": "bench",
+            "issuer": self.issuer,
+            "jwks_url": f"{self.issuer}/jwks.json",
+            "audiences": [JWT_AUDIENCE],
+        }
+
+    def token(self, lifetime_s: float = 86400.0) -> str:
+        """An RS256 token for the JWT caller, as a projected service-account token is."""
+        now = int(time.time())
+        claims = {
+            "iss": self.issuer,
+            "aud": [JWT_AUDIENCE],
+            "sub": JWT_SUBJECT,
+            "iat": now,
+            "nbf": now,
+            "exp": now + int(lifetime_s),
+        }
+        return jwt.encode(claims, self.private_key, "RS256", headers={"kid": "bench-1"})
+
+
+def start_issuer(processes: Processes, workdir: Path) -> Issuer:
+    """An RSA key, its JWKS in a file, and a static file server for it."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    directory = workdir / "issuer"
+    directory.mkdir()
+    jwks = {"keys": [{**jwk, "kid": "bench-1", "alg": "RS256", "use": "sig"}]}
+    (directory / "jwks.json").write_text(json.dumps(jwks))
+    port = free_port()
+    argv = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1"]
+    argv += ["--directory", str(directory), str(port)]
+    _start_listening(processes, "the JWKS server", CLIENT_CORE, argv, workdir / "issuer.log", port)
+    return Issuer(port, key)
 
 
 def _nginx_config(prefix: Path, port: int, standin_port: int, authorization: str) -> str:
@@ -457,10 +587,12 @@ def wrk_script(path: Path, paths: list[str], authorization: str) -> None:
     )
 
 
-def wrk(port: int, script: Path, duration_s: int, connections: int) -> float:
-    """Requests/s of one wrk run on the client core; every answer must be a 2xx."""
+def wrk(port: int, script: Path, duration_s: int, connections: int, scheme: str = "http") -> float:
+    """Requests/s of one wrk run on the client core; every answer must be a 2xx.
+    `scheme` https: over TLS (Debian's wrk is built with OpenSSL; it does not verify the
+    server's certificate), keep-alive connections as for http."""
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "-s", str(script)]
-    argv.append(f"http://127.0.0.1:{port}")
+    argv.append(f"{scheme}://127.0.0.1:{port}")
     out = subprocess.run(
         pinned(CLIENT_CORE, argv),
         capture_output=True,

@@ -17,7 +17,19 @@ import aiohttp
 import uvloop
 
 from . import profile
-from .figures import FLEET_PROXIES, LATENCY_KINDS, WITH, WITHOUT, Fleet, Results, Settings
+from .figures import (
+    CALLER_SIDES,
+    FLEET_PROXIES,
+    JWT_HTTP,
+    KEY_HTTPS,
+    LATENCY_KINDS,
+    WITH,
+    WITHOUT,
+    Callers,
+    Fleet,
+    Results,
+    Settings,
+)
 from .harness import BENCH, FLEET_BURST, FLEET_RATE_PER_MINUTE, NOISE_LIMIT_CORES, SERVERS
 
 RESULTS = BENCH / "RESULTS.md"
@@ -175,6 +187,29 @@ def fleet_lines(fleet: Fleet, s: Settings) -> str:
     return "\n".join(lines)
 
 
+def callers_lines(callers: Callers, s: Settings) -> str:
+    """Issue 15's figures (Markdown): JWT against key callers, HTTPS against HTTP."""
+    rounds = {
+        side: " / ".join(f"{r:,.0f}" for r in callers.throughput[side]) for side in CALLER_SIDES
+    }
+    lines = [
+        "| hit throughput, req/s | " + " | ".join(CALLER_SIDES) + " |",
+        "| --- |" + " ---: |" * len(CALLER_SIDES),
+        f"| median of {s.caller_rounds} rounds | "
+        + " | ".join(f"{callers.median(side):,.0f}" for side in CALLER_SIDES)
+        + " |",
+        "|   rounds | " + " | ".join(rounds[side] for side in CALLER_SIDES) + " |",
+        "",
+        f"JWT caller / key caller, median of the rounds' ratios: **{callers.ratio(JWT_HTTP):.3f}**"
+        f" (rounds: {' / '.join(f'{r:.3f}' for r in callers.ratios(JWT_HTTP))});"
+        f" HTTPS ({callers.tls_version}) / plain HTTP: **{callers.ratio(KEY_HTTPS):.3f}**"
+        f" (rounds: {' / '.join(f'{r:.3f}' for r in callers.ratios(KEY_HTTPS))})."
+        f" The JWT caller was answered {callers.jwt_requests:,} times as itself during its"
+        f" rounds; JWTs refused over the run: {callers.jwt_refusals}.",
+    ]
+    return "\n".join(lines)
+
+
 def verdict_lines(results: Results) -> str:
     return "\n".join(
         f"- {'met' if ok else '**missed**'}: {target} ({value})"
@@ -269,6 +304,23 @@ are sent in one event-loop turn, every invoice to each of A, B and C; the stand-
 counts the upstream requests.
 
 {fleet_lines(fleet, s)}
+
+## Callers and TLS
+
+Issue 15's figures. Two more `invoice-proxy serve` processes, started for this part,
+otherwise configured as above: "plain" with an `[[issuers]]` table (an RS256 key; its
+JWKS a file served by `python -m http.server` on core 1, idle while hits are measured)
+and two callers, one named by a caller key, one by the `sub` of a JWT from that issuer
+(a day's lifetime, as a projected service-account token between two refreshes); and
+"tls", its twin with `[server.tls]` (a self-signed ECDSA P-256 pair). Both warmed with
+the {s.hot_invoices} hot invoices. Each of {s.caller_rounds} rounds runs the same wrk as above
+three times, in an order that rotates: the key caller on plain, the JWT caller (its
+token in the Authorization header of every request) on plain, the key caller on tls
+over HTTPS (Debian's wrk with OpenSSL; keep-alive connections, so the handshakes are
+{s.wrk_connections} per run and the figure is mostly the cost of the TLS records). Ratios are
+the medians of the rounds' ratios to the key caller on plain HTTP, measured next to it.
+
+{callers_lines(results.callers, s)}
 
 ## Targets
 

@@ -14,6 +14,9 @@ between the servers, round by round:
   throughput with `[shared]` configured against without it, the latency of a shared
   hit (a local miss answered from Redis), and the upstream requests of 300 concurrent
   first requests for 30 fresh invoices spread over three proxies sharing one Redis;
+- callers and TLS (issue 15), with two more proxies and a static JWKS server: hit
+  throughput of a JWT caller against a key caller (target: at least 0.9), and over
+  HTTPS against plain HTTP (recorded);
 
 The machine may be shared: before each measurement the bench syncs the page cache
 (the request logs), and a measurement during which other processes took CPU is
@@ -114,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     print(report.table(results))
     print()
     print(report.fleet_lines(results.fleet, settings))
+    print()
+    print(report.callers_lines(results.callers, settings))
     print()
     print(report.verdict_lines(results))
     if results.profile is not None:

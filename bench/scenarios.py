@@ -4,6 +4,8 @@
 - hit latency: the open-loop generator at half the proxy's peak;
 - fresh burst: upstream requests caused by concurrent first requests for fresh invoices;
 - the fleet level (issue 8): redis-server and four more proxies;
+- callers and TLS (issue 15): a JWT caller's hits against a key caller's, and HTTPS
+  against plain HTTP;
 - memory fill: the proxy's resident memory before and after caching many invoices;
 - and, when asked, a py-spy profile of the busy proxy.
 
@@ -12,9 +14,11 @@ Each fills its part of `figures.Results` and prints a line per round as it goes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import os
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +28,20 @@ import aiohttp
 import uvloop
 
 from . import loadgen, profile
-from .figures import FLEET_PROXIES, WITH, WITHOUT, Results, Settings
+from .figures import (
+    CALLER_SIDES,
+    FLEET_PROXIES,
+    JWT_HTTP,
+    KEY_HTTP,
+    KEY_HTTPS,
+    WITH,
+    WITHOUT,
+    Results,
+    Settings,
+)
 from .harness import (
     CLIENT_CORE,
+    JWT_CALLER,
     SERVERS,
     BenchError,
     Processes,
@@ -36,7 +51,9 @@ from .harness import (
     invoice_path,
     metric_sum,
     rss_bytes,
+    start_issuer,
     start_redis,
+    write_tls_pair,
     wrk,
     wrk_script,
 )
@@ -57,10 +74,18 @@ class Bench:
     def authorization(self) -> str:
         return self.servers.authorization
 
-    def wrk(self, port: int, duration_s: int | None = None) -> float:
+    def wrk(
+        self,
+        port: int,
+        duration_s: int | None = None,
+        *,
+        script: Path | None = None,
+        scheme: str = "http",
+    ) -> float:
         """Requests/s of wrk over the hot invoices (a throughput round by default)."""
         duration = self.settings.wrk_duration_s if duration_s is None else duration_s
-        return wrk(port, self.script, duration, self.settings.wrk_connections)
+        connections = self.settings.wrk_connections
+        return wrk(port, script or self.script, duration, connections, scheme)
 
 
 def hot_ids(settings: Settings) -> list[str]:
@@ -80,12 +105,24 @@ def check_all_ok(answers: loadgen.Answers, what: str, expected: int) -> None:
         raise BenchError(f"{what}: expected {expected} answers 200, got {dict(answers.statuses)}")
 
 
-async def _x_cache(port: int, paths: list[str], authorization: str) -> set[str]:
+# The bench's HTTPS proxies have a self-signed certificate: the bench's own client does
+# not verify it (127.0.0.1, a pair it just made), as wrk does not.
+_UNVERIFIED = ssl.create_default_context()
+_UNVERIFIED.check_hostname = False
+_UNVERIFIED.verify_mode = ssl.CERT_NONE
+
+
+async def _x_cache(
+    port: int, paths: list[str], authorization: str, scheme: str = "http"
+) -> set[str]:
+    context = _UNVERIFIED if scheme == "https" else None
     async with aiohttp.ClientSession() as session:
         seen = set()
         for path in paths:
             async with session.get(
-                f"http://127.0.0.1:{port}{path}", headers={"Authorization": authorization}
+                f"{scheme}://127.0.0.1:{port}{path}",
+                headers={"Authorization": authorization},
+                ssl=context if context is not None else True,
             ) as response:
                 await response.read()
                 seen.add(response.headers.get("X-Cache", "?"))
@@ -357,6 +394,88 @@ def _fleet_burst(bench: Bench, results: Results, proxies: tuple[Proxy, ...]) -> 
     )
 
 
+async def _tls_version(port: int) -> str:
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=_UNVERIFIED)
+    try:
+        return str(writer.get_extra_info("ssl_object").version())
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def callers_and_tls(bench: Bench, results: Results) -> None:
+    """Issue 15: hit throughput of a JWT caller against a key caller, and over HTTPS
+    against plain HTTP.
+
+    "plain" has an [[issuers]] table (its JWKS from a static file server) and two
+    callers, one named by a key, one by a JWT's sub; "tls" is its twin with
+    [server.tls]. Both start now and get the same hot invoices. Each round measures
+    the key caller on plain, the JWT caller on plain, the key caller on tls over
+    HTTPS, in an order that rotates from round to round.
+    """
+    figures, processes, servers, s = results.callers, bench.processes, bench.servers, bench.settings
+    print("callers and TLS: starting a JWKS server and two proxies ...", flush=True)
+    issuer = start_issuer(processes, servers.workdir)
+    pair = write_tls_pair(servers.workdir)
+    plain = servers.start_proxy(processes, "callers-plain", issuer=issuer)
+    tls = servers.start_proxy(processes, "callers-tls", issuer=issuer, tls=pair)
+    jwt_script = servers.workdir / "hot-jwt.lua"
+    wrk_script(jwt_script, bench.hot_paths, f"Bearer {issuer.token()}")
+    figures.tls_version = uvloop.run(_tls_version(tls.port))
+    sides = {
+        KEY_HTTP: (plain, bench.script, "http"),
+        JWT_HTTP: (plain, jwt_script, "http"),
+        KEY_HTTPS: (tls, bench.script, "https"),
+    }
+    for proxy, scheme in ((plain, "http"), (tls, "https")):
+        for _ in range(2):  # the first pass fills the cache, the second must hit
+            x_cache = uvloop.run(_x_cache(proxy.port, bench.hot_paths, bench.authorization, scheme))
+        if x_cache != {"HIT"}:
+            raise BenchError(f"{proxy.name}'s hot invoices are not all cache hits: {x_cache}")
+    for proxy, script, scheme in sides.values():
+        bench.wrk(proxy.port, s.warm_wrk_s, script=script, scheme=scheme)
+    bench.quiet.wait()
+
+    print(
+        f"callers and TLS: hit throughput, wrk -t1 -c{s.wrk_connections} -d{s.wrk_duration_s}s"
+        f" (TLS: {figures.tls_version}):",
+        flush=True,
+    )
+    figures.throughput = {side: [] for side in CALLER_SIDES}
+    jwt_before = metric_sum(
+        plain.metrics(), "invoice_proxy_requests_total", caller=JWT_CALLER, code="200"
+    )
+    for round_ in range(1, s.caller_rounds + 1):
+        shift = (round_ - 1) % len(CALLER_SIDES)
+        for side in CALLER_SIDES[shift:] + CALLER_SIDES[:shift]:
+            proxy, script, scheme = sides[side]
+            rps, load = bench.quiet.measure(
+                side,
+                lambda p=proxy.port, sc=script, sch=scheme: bench.wrk(p, script=sc, scheme=sch),
+            )
+            figures.throughput[side].append(rps)
+            print(
+                f"  round {round_} {side:18} {rps:10,.0f} req/s"
+                f"  (others: {load.foreign_cores:.2f} cores)",
+                flush=True,
+            )
+    after = plain.metrics()
+    figures.jwt_requests = round(
+        metric_sum(after, "invoice_proxy_requests_total", caller=JWT_CALLER, code="200")
+        - jwt_before
+    )
+    figures.jwt_refusals = round(
+        sum(metric_sum(p.metrics(), "invoice_proxy_jwt_refusals_total") for p in (plain, tls))
+    )
+    if figures.jwt_requests == 0:
+        raise BenchError("the JWT caller's requests were not answered as the JWT caller")
+    print(
+        f"  JWT / key {figures.ratio(JWT_HTTP):.3f}, HTTPS / HTTP {figures.ratio(KEY_HTTPS):.3f}"
+        f" (medians of the rounds' ratios); JWT caller's 200s: {figures.jwt_requests:,},"
+        f" refusals: {figures.jwt_refusals}"
+    )
+
+
 def profile_proxy(bench: Bench) -> profile.Profile | None:
     """Where the busy proxy's time goes: py-spy while wrk runs over the hot invoices."""
     executable = profile.py_spy()
@@ -392,6 +511,7 @@ def measure(bench: Bench, results: Results, want_profile: bool) -> None:
     hit_latency(bench, results)
     fresh_burst(bench, results)
     fleet(bench, results)
+    callers_and_tls(bench, results)
     if want_profile:
         results.profile = profile_proxy(bench)
     memory_fill(bench, results)

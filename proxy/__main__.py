@@ -17,11 +17,12 @@ from aiohttp import web
 
 from . import __version__
 from . import logging as proxy_logging
-from .app import ADMIN_APP, ADMINS, CALLERS, CREDENTIAL_SET, METRICS, admin_callers, init_app
+from .app import ADMIN_APP, ADMINS, CALLERS, CREDENTIAL_SET, METRICS, TLS, admin_callers, init_app
 from .auth import key_digest, new_caller_key
 from .config import Config, ConfigError, ConfigFileError, load_config, parse_config
 from .credential import CredentialSource, EnvSource
 from .server import ProxyRunner
+from .tls import TlsError, check_files
 from .workers import run_workers, worker_config
 
 log = structlog.get_logger("proxy")
@@ -41,10 +42,19 @@ async def serve(
     await api_runner.setup()
     try:
         await admin_runner.setup()
+        tls = config.server.tls
+        context = api[TLS].context if tls is not None else None
         api_port = await api_runner.listen(
-            config.server.host, config.server.port, reuse_port=config.server.workers > 1
+            config.server.host,
+            config.server.port,
+            reuse_port=config.server.workers > 1,
+            ssl_context=context,
         )
-        admin_port = await admin_runner.listen(config.server.host, config.server.admin_port)
+        admin_port = await admin_runner.listen(
+            config.server.host,
+            config.server.admin_port,
+            ssl_context=context if tls is not None and tls.admin else None,
+        )
         log.info(
             "started",
             version=__version__,
@@ -52,6 +62,8 @@ async def serve(
             admin=f"{config.server.host}:{admin_port}",
             credential_source=config.credential.source,
             callers=len(config.callers),
+            tls=config.server.tls is not None,
+            issuers=[issuer.name for issuer in config.issuers],
         )
         if on_started is not None:
             on_started(api_port, admin_port)
@@ -148,6 +160,9 @@ def _serve_worker(config: Config, path: str, index: int) -> int:
     except OSError as exc:
         log.error("start_failed", error=str(exc))
         return 1
+    except TlsError as exc:
+        log.error("start_failed", error=f"server.tls: {exc}")
+        return 1
     return 0
 
 
@@ -160,6 +175,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             print(f"{path}: {problem}")
         if not isinstance(exc, ConfigFileError):  # a file that cannot be read: its one line
             print(f"{len(exc.problems)} problem(s) found")
+        return 1
+    problems = check_files(config.server.tls) if config.server.tls is not None else []
+    if problems:
+        for problem in problems:
+            print(f"{path}: {problem}")
+        print(f"{len(problems)} problem(s) found")
         return 1
     source = config.credential.source
     print(f"{path}: OK ({len(config.callers)} caller(s), credential source {source!r})")

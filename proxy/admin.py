@@ -97,7 +97,7 @@ class AdminHandlers:
         )
 
     async def purge(self, request: web.Request) -> web.Response:
-        admin = self._admins.authenticate(authorization(request))
+        admin, _ = await self._admins.authenticate(authorization(request))
         request[CALLER] = admin.name
         organization, invoice_id = invoice_key(request)
         found = self._cache.purge((organization, invoice_id))

@@ -9,9 +9,12 @@ closed by the API application's cleanup contexts.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from functools import partial
 from importlib import resources
 from typing import TYPE_CHECKING
 
+import aiohttp
 from aiohttp import web
 
 from .admin import AdminHandlers, Readiness
@@ -35,8 +38,10 @@ from .credential import (
     running,
 )
 from .handlers import InvoiceHandler
+from .jwt_auth import JwksKeys, JwksRefreshers, JwtVerifier, open_session
 from .metrics import Metrics, SharedMetrics
 from .middleware import observe
+from .tls import ServerTls, watching
 from .upstream import Fetched, Upstream, open_upstream
 
 if TYPE_CHECKING:
@@ -54,6 +59,7 @@ ADMINS = web.AppKey("admins", Authenticator)  # the admin keys (purge); SIGHUP r
 CACHE = web.AppKey("cache", InvoiceCache)
 UPSTREAM = web.AppKey("upstream", Upstream)
 ADMIN_APP = web.AppKey("admin_app", web.Application)
+TLS = web.AppKey("tls", ServerTls)  # with [server.tls]: the listeners' context (loaded at start-up)
 
 INVOICE_PATH = "/v1/organizations/{organization}/invoices/{id}"
 PURGE_PATH = "/cache/organizations/{organization}/invoices/{id}"
@@ -165,8 +171,34 @@ def init_app(
             clock=clock.time,
             wait=clock.wait,
         )
-    callers = Authenticator(config.callers, metrics)
+    sessions: dict[str, aiohttp.ClientSession] = {}  # by issuer name, open while serving
+    issuers = [
+        JwksKeys(
+            issuer, partial(sessions.__getitem__, issuer.name), metrics, monotonic=clock.monotonic
+        )
+        for issuer in config.issuers
+    ]
+    tokens = JwtVerifier(issuers, clock.time) if issuers else None
+    callers = Authenticator(config.callers, metrics, tokens, clock.time)
+    for keys in issuers:
+        keys.on_keys_removed = callers.forget_tokens
     metrics.init_callers(callers.names)
+
+    async def issuers_ctx(app: web.Application) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            for issuer in config.issuers:
+                sessions[issuer.name] = await stack.enter_async_context(open_session(issuer))
+            refreshers = JwksRefreshers(issuers, metrics, clock.sleep)
+            refreshers.start()
+            stack.push_async_callback(refreshers.stop)
+            yield
+
+    async def tls_ctx(app: web.Application) -> AsyncIterator[None]:
+        assert config.server.tls is not None
+        tls = ServerTls(config.server.tls, metrics)  # a pair that does not load stops start-up
+        app[TLS] = tls
+        async with watching(tls, metrics, clock.sleep):
+            yield
 
     async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         async with open_upstream(
@@ -226,6 +258,10 @@ def init_app(
     api.cleanup_ctx.append(
         _credentials_ctx if organizations is None else organizations_ctx_for(organizations)
     )
+    if config.server.tls is not None:
+        api.cleanup_ctx.append(tls_ctx)
+    if issuers:
+        api.cleanup_ctx.append(issuers_ctx)
     api.cleanup_ctx.append(upstream_ctx)
     if redis_store is not None:
         api.cleanup_ctx.append(redis_store.lifetime)  # closed after the fetches under way

@@ -4,6 +4,13 @@ Callers send `Authorization: Bearer <key>`. The proxy only knows SHA-256 digests
 keys. The digest of the presented key finds its candidate in a dict (that reveals
 nothing about a key: finding a key from its digest is infeasible) and is then
 compared with `hmac.compare_digest`. Several digests per caller let a key rotate.
+
+A bearer value that is no known key may be a JWT (`jwt_auth.py` verifies it, and its
+`sub` names the caller through `jwt_subjects`); a verified token is remembered by the
+same SHA-256 digest until its `exp`, so a repeated caller costs a dict lookup. Without
+an Authorization header, a client certificate that verified against
+`server.tls.client_ca_file` names the caller by a URI SAN in `certificate_uris`.
+A header that is present decides alone: a refused key never falls back to a certificate.
 """
 
 from __future__ import annotations
@@ -11,12 +18,21 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from . import errors
 from .config import CallerConfig
+from .jwt_auth import REFUSAL_REASONS, JwtVerifier, Refused
 from .metrics import Metrics
 from .resilience import TokenBucket
+from .tls import certificate_uris
+
+# How a caller authenticated: the `auth` field of the request's log line.
+KEY, JWT, CERTIFICATE = "key", "jwt", "certificate"
+REMEMBERED_TOKENS = 10_000  # verified JWTs kept (LRU): a few MiB at most
 
 ALL = "*"
 
@@ -57,22 +73,49 @@ class Caller:
 
 
 class Authenticator:
-    """Finds the caller for an `Authorization` header; its caller list can be replaced live."""
+    """Finds the caller for an `Authorization` header (a key or a JWT) or a client
+    certificate; its caller list can be replaced live."""
 
-    def __init__(self, callers: Iterable[CallerConfig], metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        callers: Iterable[CallerConfig],
+        metrics: Metrics | None = None,
+        tokens: JwtVerifier | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._metrics = metrics
+        self._tokens = tokens
+        self._clock = clock
         self._by_digest: dict[bytes, tuple[bytes, Caller]] = {}
+        self._by_subject: dict[str, Caller] = {}
+        self._by_uri: dict[str, Caller] = {}
+        # A verified JWT's digest -> (its exp, its caller); oldest use first.
+        self._remembered: OrderedDict[bytes, tuple[float, Caller]] = OrderedDict()
+        if metrics is not None and tokens is not None:
+            for reason in (*REFUSAL_REASONS, "unknown_subject"):
+                metrics.jwt_refusals.labels(reason=reason)
         self.replace(callers)
 
     def replace(self, callers: Iterable[CallerConfig]) -> None:
-        """Swap in a new caller list (SIGHUP). Existing rate buckets start afresh."""
-        by_digest = {}
+        """Swap in a new caller list (SIGHUP). Existing rate buckets start afresh, and
+        remembered JWTs are verified again."""
+        by_digest, by_subject, by_uri = {}, {}, {}
+        names = set()
         for config in callers:
             caller = Caller(config, self._throttled_counter(config.name))
+            names.add(config.name)
             for hex_digest in config.key_sha256:
                 digest = bytes.fromhex(hex_digest)
                 by_digest[digest] = (digest, caller)
-        self._by_digest = by_digest
+            by_subject.update(dict.fromkeys(config.jwt_subjects, caller))
+            by_uri.update(dict.fromkeys(config.certificate_uris, caller))
+        self._by_digest, self._by_subject, self._by_uri = by_digest, by_subject, by_uri
+        self._names = sorted(names)
+        self.forget_tokens()
+
+    def forget_tokens(self) -> None:
+        """Drop every remembered JWT (an issuer withdrew a key, the callers changed)."""
+        self._remembered = OrderedDict()
 
     def _throttled_counter(self, name: str) -> Callable[[], None]:
         if self._metrics is None:
@@ -81,19 +124,57 @@ class Authenticator:
 
     @property
     def names(self) -> list[str]:
-        return sorted({caller.name for _, caller in self._by_digest.values()})
+        return self._names
 
-    def authenticate(self, authorization: str | None) -> Caller:
-        if not authorization or authorization[:7].lower() != "bearer ":
+    async def authenticate(
+        self, authorization: str | None, peercert: dict[str, Any] | None = None
+    ) -> tuple[Caller, str]:
+        """The caller, and how it authenticated (`KEY`, `JWT`, `CERTIFICATE`); else 401."""
+        if authorization is None:
+            for uri in certificate_uris(peercert):
+                caller = self._by_uri.get(uri)
+                if caller is not None:
+                    return caller, CERTIFICATE
+            raise errors.unauthorized()
+        if authorization[:7].lower() != "bearer ":
             raise errors.unauthorized()
         key = authorization[7:].strip()
         if not key:
             raise errors.unauthorized()
         digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
         found = self._by_digest.get(digest)
-        if found is None or not hmac.compare_digest(found[0], digest):
+        if found is not None and hmac.compare_digest(found[0], digest):
+            return found[1], KEY
+        if self._tokens is None:
             raise errors.unauthorized()
-        return found[1]
+        remembered = self._remembered.get(digest)
+        if remembered is not None:
+            if remembered[0] > self._clock():
+                self._remembered.move_to_end(digest)
+                return remembered[1], JWT
+            del self._remembered[digest]
+        return await self._verify(key, digest), JWT
+
+    async def _verify(self, token: str, digest: bytes) -> Caller:
+        assert self._tokens is not None
+        try:
+            verified = await self._tokens.verify(token)
+        except Refused as refused:
+            self._refused(refused.reason)
+            raise errors.unauthorized() from None
+        caller = self._by_subject.get(verified.subject)
+        if caller is None:
+            self._refused("unknown_subject")
+            raise errors.unauthorized()
+        remembered = self._remembered
+        remembered[digest] = (verified.expires, caller)
+        if len(remembered) > REMEMBERED_TOKENS:
+            remembered.popitem(last=False)
+        return caller
+
+    def _refused(self, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.jwt_refusals.labels(reason=reason).inc()
 
 
 def new_caller_key() -> tuple[str, str]:

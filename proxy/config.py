@@ -206,6 +206,21 @@ _YEAR = 86400 * 365  # seconds
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """`[server.tls]`: HTTPS on the API listener (and the admin one with `admin`)."""
+
+    cert_file: str = key("", required=True, doc="PEM chain; re-read when it or the key changes")
+    key_file: str = key("", required=True, doc="PEM private key")
+    client_ca_file: str = key(
+        "", doc="set: callers may present a client certificate signed by this CA"
+    )
+    admin: bool = key(False, doc="true: the admin listener serves HTTPS with the same pair")
+    poll_interval_s: float = key(
+        1.0, lo=0.05, hi=3600, unit="s", doc="how often the pair's files are checked for a change"
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = key("0.0.0.0")  # noqa: S104 - a service in a pod listens on all interfaces
     port: int = key(8080, lo=0, hi=65535, doc="the API; 0: a free port, logged at start-up")
@@ -230,6 +245,7 @@ class ServerConfig:
     workers: int = key(
         1, lo=1, hi=64, doc="processes sharing `port` (SO_REUSEPORT); worker i: admin_port + i"
     )
+    tls: TlsConfig | None = None  # [server.tls]: HTTPS; None: plain HTTP
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,18 +399,85 @@ class LoggingConfig:
     format: str = key("json", choices=("json", "console"))
 
 
+def _issuer_name(name: str, t: _Table) -> None:
+    if t.has("name") and not _CALLER_NAME.fullmatch(name):
+        t.problem("name", "expected 1 to 64 characters of A-Z a-z 0-9 _ . -")
+    elif name in {issuer.name for issuer in t.earlier}:
+        t.problem("name", f"duplicate issuer name {name!r}")
+
+
+def _issuer_iss(iss: str, t: _Table) -> None:
+    if iss and iss in {issuer.issuer for issuer in t.earlier}:
+        t.problem("issuer", "another [[issuers]] table has this issuer")
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerConfig:
+    """`[[issuers]]`: a JWT issuer whose tokens name callers (its `sub`, via `jwt_subjects`)."""
+
+    name: str = needed("", check=_issuer_name, doc="shows up in logs and metrics")
+    issuer: str = key(
+        "", required=True, url=url_problem, check=_issuer_iss, doc="the iss claim, compared exactly"
+    )
+    jwks_url: str = key(
+        "", doc="empty: OIDC discovery at {issuer}/.well-known/openid-configuration"
+    )
+    audiences: tuple[str, ...] = key(
+        (),
+        required=True,
+        nonempty="must list at least one audience",
+        doc="the aud claim must hold one of these",
+    )
+    ca_file: str = key("", doc="PEM bundle that signs the JWKS endpoint's certificate")
+    token_file: str = key(
+        "", doc="a bearer token for the discovery and JWKS requests, re-read for each"
+    )
+    refresh_interval_s: float = key(
+        300.0, lo=1, hi=86400, unit="s", doc="how often the JWKS is fetched again"
+    )
+    min_refresh_interval_s: float = key(
+        5.0, lo=0.01, hi=3600, unit="s", doc="an unknown kid fetches the JWKS at most this often"
+    )
+    timeout_s: float = key(5.0, lo=0.01, hi=300, unit="s", doc="one discovery or JWKS request")
+    leeway_s: float = key(30.0, lo=0, hi=600, unit="s", doc="clock skew allowed on exp, nbf, iat")
+
+
+def _caller_subjects(subjects: tuple[str, ...], t: _Table) -> None:
+    _unique_across_callers(subjects, t, "jwt_subjects", "subject")
+
+
+def _caller_uris(uris: tuple[str, ...], t: _Table) -> None:
+    _unique_across_callers(uris, t, "certificate_uris", "URI")
+
+
+def _unique_across_callers(values: tuple[str, ...], t: _Table, key_: str, what: str) -> None:
+    owners: dict[str, str] = {}
+    for caller in t.earlier:
+        for value in getattr(caller, key_):
+            owners.setdefault(value, caller.name)
+    for i, value in enumerate(values):
+        if value in owners:
+            t.problem(f"{key_}[{i}]", f"this {what} is also one of {owners[value]!r}")
+        owners.setdefault(value, t.values["name"])
+
+
+def _nonblank(value: str) -> bool:
+    return bool(value) and value == value.strip() and value.isprintable()
+
+
 @dataclass(frozen=True, slots=True)
 class CallerConfig:
     name: str = needed("", check=_caller_name)
-    key_sha256: tuple[str, ...] = needed(
+    key_sha256: tuple[str, ...] = key(
         (),
-        nonempty="must list at least one digest",
         items=_HEX64.fullmatch,
         item_problem=_DIGEST_PROBLEM,
         check=_caller_digests,
+        doc="optional once jwt_subjects or certificate_uris is set",
     )
-    organizations: tuple[str, ...] = needed(
+    organizations: tuple[str, ...] = key(
         (),
+        required=True,
         nonempty="must list at least one organization (or '*')",
         items=_is_organization,
         item_problem="expected '*' or 1 to 64 of A-Z a-z 0-9 _ -",
@@ -404,6 +487,20 @@ class CallerConfig:
     )
     burst: int = key(
         0, lo=0, hi=1_000_000, unit="requests", doc="bucket size; 0: twice the rate, at least 1"
+    )
+    jwt_subjects: tuple[str, ...] = key(
+        (),
+        items=_nonblank,
+        item_problem="expected a non-empty string without surrounding spaces",
+        check=_caller_subjects,
+        doc="`sub` of a verified JWT from one of the [[issuers]]",
+    )
+    certificate_uris: tuple[str, ...] = key(
+        (),
+        items=_nonblank,
+        item_problem="expected a non-empty string without surrounding spaces",
+        check=_caller_uris,
+        doc="URI SAN (a SPIFFE id) of a verified client certificate",
     )
 
 
@@ -442,6 +539,9 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     callers: tuple[CallerConfig, ...] = key((), doc="[[callers]]: one table per calling service")
+    issuers: tuple[IssuerConfig, ...] = key(
+        (), doc="[[issuers]]: JWT issuers trusted to name callers"
+    )
     shared: SharedConfig | None = None  # [shared]: the fleet level on Redis; None: off
 
 
@@ -703,9 +803,36 @@ def _shared_rules(c: SharedConfig, t: _Table) -> None:
         t.problem("namespace", "expected 1 to 64 characters of A-Z a-z 0-9 _ . -")
 
 
+def _caller_rules(c: CallerConfig, t: _Table) -> None:
+    if not (c.key_sha256 or c.jwt_subjects or c.certificate_uris):
+        t.problem(
+            "key_sha256",
+            "the caller has no way to authenticate: list a digest, a jwt_subjects or a "
+            "certificate_uris entry",
+        )
+
+
+def _issuer_rules(c: IssuerConfig, t: _Table) -> None:
+    if c.jwks_url:
+        problem = url_problem(c.jwks_url, query=True)
+        if problem:
+            t.problem("jwks_url", problem)
+
+
+def _tls_rules(c: TlsConfig, t: _Table) -> None:
+    for name in ("cert_file", "key_file"):
+        if t.has(name) and not getattr(c, name):
+            t.problem(name, "must name a file")
+
+
 def _config_rules(c: Config, t: _Table) -> None:
     if not c.callers and not t.problems:
         t.problem("callers", "at least one [[callers]] table is required")
+    for i, caller in enumerate(c.callers):
+        if caller.jwt_subjects and not c.issuers:
+            t.problem(f"callers[{i}].jwt_subjects", "needs at least one [[issuers]] table")
+        if caller.certificate_uris and (c.server.tls is None or not c.server.tls.client_ca_file):
+            t.problem(f"callers[{i}].certificate_uris", "needs server.tls.client_ca_file")
 
 
 # By section: run once the section's keys are read, if the section is in use.
@@ -714,6 +841,9 @@ _RULES: dict[type, Callable[[Any, _Table], None]] = {
     VaultConfig: _vault_rules,
     CredentialConfig: _credential_rules,
     SharedConfig: _shared_rules,
+    CallerConfig: _caller_rules,
+    IssuerConfig: _issuer_rules,
+    TlsConfig: _tls_rules,
     Config: _config_rules,
 }
 

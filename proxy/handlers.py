@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import hdrs, web
 
@@ -13,7 +14,7 @@ from . import errors
 from .auth import Authenticator
 from .cache import HIT, Entry, Fetcher, InvoiceCache
 from .config import NAME_PATTERN
-from .middleware import CACHE, CALLER, INVOICE_ID, ORGANIZATION, request_id_logged
+from .middleware import AUTH, CACHE, CALLER, INVOICE_ID, ORGANIZATION, request_id_logged
 from .resilience import FAIR_LANE
 
 _X_CACHE = {"hit": "HIT", "miss": "MISS", "stale": "STALE"}
@@ -30,6 +31,18 @@ def authorization(request: web.Request) -> str | None:
     if len(values) > 1:
         raise errors.invalid_request("send one Authorization header, not several")
     return values[0] if values else None
+
+
+def _peercert(request: web.Request) -> dict[str, Any] | None:
+    """The client certificate of a TLS connection, if one verified (else None)."""
+    transport = request.transport
+    if transport is None:
+        return None
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    peercert = ssl_object.getpeercert()
+    return peercert if isinstance(peercert, dict) and peercert else None
 
 
 def invoice_key(request: web.Request) -> tuple[str, str]:
@@ -62,8 +75,12 @@ class InvoiceHandler:
         self._clock = clock
 
     async def get(self, request: web.Request) -> web.Response:
-        caller = self._callers.authenticate(authorization(request))
+        header = authorization(request)
+        # The certificate is read only when no header names the caller.
+        peercert = None if header is not None else _peercert(request)
+        caller, how = await self._callers.authenticate(header, peercert)
         request[CALLER] = caller.name
+        request[AUTH] = how
         organization, invoice_id = invoice_key(request)
         caller.authorize(organization)
         if request.body_exists:

@@ -32,7 +32,7 @@ _SAFE_KEYS = frozenset({"token_id_field", "token_field", "token_source", "token_
 # the per-request line cheap and stops a 64-character invoice id looking like a key.
 _TRUSTED_VALUES = frozenset(
     {
-        "event", "level", "timestamp", "logger", "request_id", "caller", "organization",
+        "event", "level", "timestamp", "logger", "request_id", "caller", "auth", "organization",
         "invoice_id", "method", "status", "cache", "duration_ms", "source", "version",
         "previous_version", "attempt", "delay_ms", "state",
     }

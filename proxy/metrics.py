@@ -30,7 +30,7 @@ UPSTREAM_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0
 
 CACHE_RESULTS = ("hit", "miss", "stale", "none")
 # Every long-lived task (proxy.tasks.supervise): the `task` label of its failure count.
-BACKGROUND_TASKS = ("credential_refresher",)
+BACKGROUND_TASKS = ("credential_refresher", "jwks_refresher", "tls_watcher")
 
 
 class Metrics:
@@ -161,10 +161,39 @@ class Metrics:
             ["caller"],
             registry=r,
         )
+        # Callers without shared secrets (JWTs, client certificates) and TLS.
+        self.jwt_refusals = Counter(
+            "invoice_proxy_jwt_refusals_total",
+            "Bearer JWTs that named no caller, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.jwks_refreshes = Counter(
+            "invoice_proxy_jwks_refreshes_total",
+            "Fetches of an issuer's JWKS, by result (failed: the keys in hand are kept).",
+            ["issuer", "result"],
+            registry=r,
+        )
+        self.jwks_keys = Gauge(
+            "invoice_proxy_jwks_keys", "Signing keys in hand, by issuer.", ["issuer"], registry=r
+        )
+        self.tls_certificate_expiry = Gauge(
+            "invoice_proxy_tls_certificate_expiry_timestamp_seconds",
+            "Unix time at which the listener's certificate in use expires.",
+            registry=r,
+        )
+        self.tls_reloads = Counter(
+            "invoice_proxy_tls_reloads_total",
+            "Loads of the listener's certificate and key, by result (failed: the last good "
+            "pair is kept).",
+            ["result"],
+            registry=r,
+        )
         # Pre-create the fixed label sets so every series exists from the start
         # (rate() over a series that appears late misses its first increments).
-        if not per_organization:
-            for result in ("success", "failure"):
+        for result in ("success", "failure"):
+            self.tls_reloads.labels(result=result)
+            if not per_organization:
                 self.credential_reloads.labels(result=result)
         for task in BACKGROUND_TASKS:
             self.background_task_failures.labels(task=task)

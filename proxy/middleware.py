@@ -27,6 +27,7 @@ log = structlog.get_logger("proxy.access")
 
 # Facts the handler learns, for the middleware's log line and metrics.
 CALLER = web.RequestKey("caller", str)
+AUTH = web.RequestKey("auth", str)  # how the caller authenticated: key, jwt, certificate
 ORGANIZATION = web.RequestKey("organization", str)
 INVOICE_ID = web.RequestKey("invoice_id", str)
 CACHE = web.RequestKey("cache", str)
@@ -101,6 +102,7 @@ def observe(metrics: Metrics | None) -> Middleware:
             request_id=request_id,
             method=request.method,
             caller=caller,
+            auth=request.get(AUTH),
             organization=request.get(ORGANIZATION),
             invoice_id=request.get(INVOICE_ID),
             status=status,

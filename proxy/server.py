@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -67,8 +68,16 @@ class ProxyRunner(web.AppRunner):
         allow = sorted({route.method for route in self.app.router.routes()} - {"*"})
         return _Server(await super()._make_server(), self._config, ", ".join(allow))
 
-    async def listen(self, host: str, port: int, *, reuse_port: bool = False) -> int:
-        """Bind host:port (0: a free port), start serving, return the bound port."""
+    async def listen(
+        self,
+        host: str,
+        port: int,
+        *,
+        reuse_port: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> int:
+        """Bind host:port (0: a free port), start serving (HTTPS with `ssl_context`),
+        return the bound port."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -79,7 +88,7 @@ class ProxyRunner(web.AppRunner):
         except OSError:
             sock.close()
             raise
-        await web.SockSite(self, sock, backlog=512).start()
+        await web.SockSite(self, sock, backlog=512, ssl_context=ssl_context).start()
         return int(sock.getsockname()[1])
 
 

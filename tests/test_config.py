@@ -89,7 +89,10 @@ def test_caller_problems_name_the_caller_index(tmp_path: Path) -> None:
     assert "callers[0].key_sha256[0]: expected 64 lowercase hex digits (a SHA-256 digest)" in found
     assert "callers[0].organizations: must list at least one organization (or '*')" in found
     assert "callers[1].name: is required" in found
-    assert "callers[1].key_sha256: must list at least one digest" in found
+    assert (
+        "callers[1].key_sha256: the caller has no way to authenticate: list a digest, "
+        "a jwt_subjects or a certificate_uris entry"
+    ) in found
     assert "callers[1].organizations[0]: expected '*' or 1 to 64 of A-Z a-z 0-9 _ -" in found
 
 
@@ -152,6 +155,8 @@ def test_check_config_accepts_the_shipped_examples() -> None:
 
 # Keys whose value in config/example.toml is an example, not the default.
 EXAMPLE_VALUES = {
+    "server.tls.cert_file",
+    "server.tls.key_file",
     "credential.vault.address",
     "credential.vault.role",
     "admin.key_sha256",
@@ -161,20 +166,24 @@ EXAMPLE_VALUES = {
 
 
 def example_document() -> dict[str, Any]:
-    """config/example.toml with its commented-out [shared] table switched on."""
+    """config/example.toml with its commented-out tables ([server.tls], [shared], the
+    certificate caller) switched on."""
     text = (ROOT / "config" / "example.toml").read_text()
-    head, _, tail = text.partition("# [shared]\n")
-    lines = tail.splitlines()
-    switched = []
-    while lines and lines[0].startswith("# ") and " = " in lines[0]:
-        switched.append(lines.pop(0)[2:])
-    return tomllib.loads(head + "[shared]\n" + "\n".join([*switched, *lines]) + "\n")
+    for header in ("# [server.tls]", "# [shared]", "# [[callers]]"):
+        head, _, tail = text.partition(header)
+        lines = tail.splitlines()
+        first = header[2:] + lines.pop(0)
+        switched = [first]
+        while lines and lines[0].startswith("# ") and " = " in lines[0]:
+            switched.append(lines.pop(0)[2:])
+        text = head + "\n".join([*switched, *lines]) + "\n"
+    return tomllib.loads(text)
 
 
 def test_example_lists_every_key_with_its_default() -> None:
     """config/example.toml names every key of the dataclasses, and no other, with its
     default (but for a few example values): a key added later must be documented there."""
-    from proxy.config import CallerConfig, Config, SharedConfig
+    from proxy.config import CallerConfig, Config, IssuerConfig, SharedConfig, TlsConfig
 
     document = example_document()
 
@@ -187,12 +196,15 @@ def test_example_lists_every_key_with_its_default() -> None:
             key = f"{path}.{f.name}".lstrip(".")
             if dataclasses.is_dataclass(kind):
                 compare(kind, table[f.name], key)  # type: ignore[arg-type]
-            elif key not in ("callers", "shared", *EXAMPLE_VALUES):  # those two: below
+            elif key not in ("callers", "issuers", "shared", "server.tls", *EXAMPLE_VALUES):
                 value = table[f.name]
                 assert (tuple(value) if isinstance(value, list) else value) == f.default, key
 
     compare(Config, document, "")
     compare(SharedConfig, document["shared"], "shared")
+    compare(TlsConfig, document["server"]["tls"], "server.tls")
+    (issuer,) = document["issuers"]
+    assert set(issuer) == {f.name for f in dataclasses.fields(IssuerConfig)}
     caller_keys = {k for caller in document["callers"] for k in caller}
     assert caller_keys == {f.name for f in dataclasses.fields(CallerConfig)}
 

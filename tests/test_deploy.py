@@ -2,8 +2,9 @@
 
 promtool checks and unit-tests the alerts; `kubectl kustomize` renders the base and
 every overlay offline and kubernetes-validate checks each rendered object against the
-Kubernetes schemas (the two Prometheus-operator kinds, which it has no schema for, are
-checked structurally here); hadolint lints the Dockerfile; and the ports, paths and
+Kubernetes schemas (the Prometheus-operator and cert-manager kinds, which it has no
+schema for, are checked structurally here); the calling service's example is checked
+against the proxy's issuer; hadolint lints the Dockerfile; and the ports, paths and
 names that the image, the manifests, the alerts and SPEC share are checked to agree.
 
 A missing tool fails the test with the command that installs it; nothing is skipped.
@@ -21,6 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from .certificates import issue, make_ca
 from .manifests import DEPLOY, KUSTOMIZE, ROOT, find_tool, one, render, rendered_config, run
 
 ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
@@ -42,11 +44,17 @@ K8S_VERSIONS = ("1.31.0", kubernetes_validate.latest_version())
 CUSTOM_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("cert-manager.io/v1", "Certificate"),
 }
 
-KUSTOMIZATIONS = sorted(
+# The proxy's base and overlays; beside them, examples of other services (callers).
+_ALL_KUSTOMIZATIONS = sorted(
     str(p.parent.relative_to(KUSTOMIZE)) for p in KUSTOMIZE.rglob("kustomization.yaml")
 )
+EXAMPLES = [k for k in _ALL_KUSTOMIZATIONS if k.startswith("examples/")]
+KUSTOMIZATIONS = [k for k in _ALL_KUSTOMIZATIONS if k not in EXAMPLES]
+CALLING_SERVICE = "examples/calling-service"
+TLS_OVERLAY = "overlays/tls"
 
 
 def load_alerts() -> dict[str, Any]:
@@ -136,10 +144,11 @@ def named_port(container: dict[str, Any], name: str) -> int:
     return next(p["containerPort"] for p in container["ports"] if p["name"] == name)
 
 
-def test_kustomize_finds_the_base_and_both_overlays() -> None:
-    assert {"base", "overlays/vault-agent", "overlays/vault-direct", "overlays/redis"} <= set(
-        KUSTOMIZATIONS
-    )
+def test_kustomize_finds_the_base_the_overlays_and_the_example() -> None:
+    assert {
+        "base", "overlays/vault-agent", "overlays/vault-direct", "overlays/redis", TLS_OVERLAY
+    } <= set(KUSTOMIZATIONS)  # fmt: skip
+    assert EXAMPLES == [CALLING_SERVICE]
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
@@ -160,12 +169,16 @@ def test_every_rendered_object_is_valid(kustomization: str) -> None:
         if (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS:
             check_custom_resource(obj, objects)
             continue
-        for version in K8S_VERSIONS:
-            try:
-                kubernetes_validate.validate(obj, version, strict=True)
-            except kubernetes_validate.ValidationError as exc:
-                path = ".".join(str(p) for p in exc.path)
-                pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} ({version}): {path}: {exc}")
+        validate(obj)
+
+
+def validate(obj: dict[str, Any]) -> None:
+    for version in K8S_VERSIONS:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} ({version}): {path}: {exc}")
 
 
 def test_the_validator_rejects_a_misspelt_field() -> None:
@@ -177,6 +190,20 @@ def test_the_validator_rejects_a_misspelt_field() -> None:
 
 
 _DURATION = re.compile(r"^(0|(\d+h)?(\d+m)?(\d+s)?(\d+ms)?)$")
+# cert-manager.io/v1 Certificate: the spec fields this repository may use, and the values
+# its enums allow (https://cert-manager.io/docs/reference/api-docs/#cert-manager.io/v1).
+_CERTIFICATE_FIELDS = {
+    "secretName", "duration", "renewBefore", "dnsNames", "ipAddresses", "uris", "usages",
+    "privateKey", "issuerRef", "commonName", "subject", "secretTemplate",
+}  # fmt: skip
+_KEY_USAGES = {
+    "signing", "digital signature", "content commitment", "key encipherment",
+    "key agreement", "data encipherment", "cert sign", "crl sign", "encipher only",
+    "decipher only", "any", "server auth", "client auth", "code signing", "email protection",
+    "s/mime", "ipsec end system", "ipsec tunnel", "ipsec user", "timestamping", "ocsp signing",
+    "microsoft sgc", "netscape sgc",
+}  # fmt: skip
+_PRIVATE_KEYS = {"RSA": {2048, 3072, 4096}, "ECDSA": {256, 384, 521}, "Ed25519": {None}}
 
 
 def check_custom_resource(obj: dict[str, Any], objects: list[dict[str, Any]]) -> None:
@@ -196,9 +223,43 @@ def check_custom_resource(obj: dict[str, Any], objects: list[dict[str, Any]]) ->
             assert endpoint.get("path", "/metrics") == "/metrics"
             for key in ("interval", "scrapeTimeout"):
                 assert _DURATION.match(endpoint.get(key, "0")), f"{key}: bad duration"
+    elif obj["kind"] == "Certificate":
+        check_certificate(obj, objects)
     else:
         assert set(spec) == {"groups"}
         assert spec["groups"] == load_alerts()["groups"], "PrometheusRule differs from alerts.yaml"
+
+
+def check_certificate(obj: dict[str, Any], objects: list[dict[str, Any]]) -> None:
+    """cert-manager's Certificate for the listener: well formed, and the one the
+    Deployment mounts where `server.tls` reads it, for the Service's DNS names."""
+    spec = obj["spec"]
+    assert set(spec) <= _CERTIFICATE_FIELDS, set(spec) - _CERTIFICATE_FIELDS
+    assert set(spec["issuerRef"]) <= {"name", "kind", "group"} and spec["issuerRef"]["name"]
+    assert spec["issuerRef"].get("kind", "Issuer") in {"Issuer", "ClusterIssuer"}
+    assert set(spec.get("usages", [])) <= _KEY_USAGES, spec["usages"]
+    assert "server auth" in spec["usages"]
+    key = spec["privateKey"]
+    assert set(key) <= {"algorithm", "size", "rotationPolicy", "encoding"}
+    assert key.get("size") in _PRIVATE_KEYS[key["algorithm"]]
+    assert key.get("rotationPolicy") == "Always", "a renewal brings a new key"
+    for name in ("duration", "renewBefore"):
+        assert _DURATION.match(spec.get(name, "0")), f"{name}: bad duration"
+    namespace = obj["metadata"]["namespace"]
+    service = one(objects, "Service")
+    assert service["metadata"]["namespace"] == namespace
+    assert f"{service['metadata']['name']}.{namespace}.svc" in spec["dnsNames"]
+    # The Secret it writes is the volume that server.tls.cert_file and key_file are in.
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    volume = next(
+        v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == spec["secretName"]
+    )
+    mount = next(m for m in proxy_container(objects)["volumeMounts"] if m["name"] == volume["name"])
+    assert "subPath" not in mount, "a subPath mount is not updated when the Secret changes"
+    assert volume["secret"].get("defaultMode", 0o644) & 0o007 == 0, "the key is not world-readable"
+    tls = rendered_config(objects)["server"]["tls"]
+    assert tls["cert_file"] == f"{mount['mountPath']}/tls.crt"
+    assert tls["key_file"] == f"{mount['mountPath']}/tls.key"
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
@@ -283,8 +344,12 @@ def test_network_policy_lets_in_callers_and_scraper_and_out_dns_vault_https(
         "the admin port is open to the scraper only"
     )
     egress = sorted((p["port"], p["protocol"]) for rule in policy["egress"] for p in rule["ports"])
-    redis = [(6379, "TCP")] if "shared" in rendered_config(objects) else []
-    assert egress == sorted([(53, "TCP"), (53, "UDP"), (443, "TCP"), (8200, "TCP"), *redis])
+    config = rendered_config(objects)
+    redis = [(6379, "TCP")] if "shared" in config else []
+    api_server = [(6443, "TCP")] if "issuers" in config else []  # the cluster issuer's JWKS
+    assert egress == sorted(
+        [(53, "TCP"), (53, "UDP"), (443, "TCP"), (8200, "TCP"), *redis, *api_server]
+    )
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
@@ -306,7 +371,15 @@ def _bytes(quantity: str) -> int:
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_rendered_config_passes_check_config(kustomization: str, tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
-    path.write_text(one(render(kustomization), "ConfigMap")["data"]["config.toml"])
+    text = one(render(kustomization), "ConfigMap")["data"]["config.toml"]
+    tls = tomllib.loads(text)["server"].get("tls")
+    if tls is not None:  # check-config reads the pair: here, files as the Secret's mount has
+        ca = make_ca("deploy-ca")
+        cert, key, _ = issue(ca, "invoice-proxy")
+        for name, data in (("cert_file", cert), ("key_file", key)):
+            (tmp_path / name).write_bytes(data)
+            text = text.replace(f'"{tls[name]}"', f'"{tmp_path / name}"')
+    path.write_text(text)
     result = run([sys.executable, "-m", "proxy", "check-config", "--config", str(path)], cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -328,6 +401,62 @@ def test_vault_direct_config_differs_from_the_base_only_in_credential() -> None:
     base.pop("credential")
     direct.pop("credential")
     assert direct == base
+
+
+def test_tls_overlay_serves_https_and_trusts_the_cluster_issuer() -> None:
+    objects = render(TLS_OVERLAY)
+    config = rendered_config(objects)
+    assert config["server"]["tls"].get("admin", False) is False, "probes and scrapes: HTTP"
+    (issuer,) = config["issuers"]
+    assert issuer["audiences"] == ["invoice-proxy"]
+    # The JWKS is fetched with the pod's own service-account token and the cluster CA.
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is True
+    account = "/var/run/secrets/kubernetes.io/serviceaccount"
+    assert (issuer["ca_file"], issuer["token_file"]) == (f"{account}/ca.crt", f"{account}/token")
+    assert issuer["jwks_url"].startswith("https://kubernetes.default.svc/")
+
+
+def test_tls_config_differs_from_vault_direct_only_in_tls_issuers_and_callers() -> None:
+    direct = tomllib.loads((KUSTOMIZE / "overlays" / "vault-direct" / "config.toml").read_text())
+    tls = tomllib.loads((KUSTOMIZE / TLS_OVERLAY / "config.toml").read_text())
+    assert "tls" in tls["server"] and tls["issuers"]
+    del tls["server"]["tls"], tls["issuers"]
+    by_name = {c["name"]: c for c in direct.pop("callers")}
+    for caller in tls.pop("callers"):
+        identity = ("key_sha256", "jwt_subjects", "certificate_uris")
+        kept = {k: v for k, v in caller.items() if k not in identity}
+        assert kept == {k: v for k, v in by_name[caller["name"]].items() if k not in identity}
+    assert tls == direct
+
+
+def test_the_calling_service_example_mounts_a_token_the_proxy_accepts() -> None:
+    objects = render(CALLING_SERVICE)
+    for obj in objects:
+        validate(obj)
+    account = one(objects, "ServiceAccount")
+    deployment = one(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == account["metadata"]["name"]
+    assert pod["automountServiceAccountToken"] is False, "no API token beside the proxy's"
+    (source,) = [
+        s["serviceAccountToken"]
+        for v in pod["volumes"]
+        for s in v.get("projected", {}).get("sources", [])
+        if "serviceAccountToken" in s
+    ]
+    assert 600 <= source["expirationSeconds"] <= 3600, "short-lived (600 s is the minimum)"
+    proxy = rendered_config(render(TLS_OVERLAY))
+    assert source["audience"] in proxy["issuers"][0]["audiences"]
+    subject = (
+        f"system:serviceaccount:{account['metadata']['namespace']}:{account['metadata']['name']}"
+    )
+    assert any(subject in c.get("jwt_subjects", []) for c in proxy["callers"])
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    token_volume = next(v["name"] for v in pod["volumes"] if "projected" in v)
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == token_volume)
+    assert env["INVOICE_PROXY_TOKEN_FILE"] == f"{mount['mountPath']}/{source['path']}"
+    assert env["INVOICE_PROXY_URL"].startswith("https://invoice-proxy.invoice-proxy.svc:")
 
 
 def test_vault_agent_overlay_renders_the_file_the_proxy_reads() -> None:
