@@ -5,6 +5,7 @@ What they build (and every other helper) is in helpers.py.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -20,6 +21,7 @@ from proxy.metrics import Metrics
 from proxy.standin import StandIn, start
 
 from .helpers import (
+    SECRETS,
     UPSTREAM_HEADER,
     Proxy,
     ProxyFactory,
@@ -100,3 +102,28 @@ async def make_proxy(upstream: Upstream, credential_file: Path) -> AsyncIterator
 @pytest.fixture
 async def proxy(make_proxy: ProxyFactory) -> Proxy:
     return await make_proxy()
+
+
+# What must never reach a log line, an error or anything else the proxy prints, in any
+# test: the test's own token and keys, any JWT, any private key. Everything the proxy
+# logs in-process goes to the output pytest captures for each test; a test whose
+# captured output holds one fails, whatever it asserted itself.
+_LEAKS = re.compile(
+    "|".join(re.escape(secret) for secret in SECRETS)
+    + r"|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"
+    + r"|-----BEGIN [A-Z ]*PRIVATE KEY-----"
+)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.passed:
+        return
+    captured = report.capstdout + report.capstderr + report.caplog
+    leak = _LEAKS.search(captured)
+    if leak is not None:
+        report.outcome = "failed"
+        kind = "a JWT" if leak.group().startswith("eyJ") else "a secret"
+        report.longrepr = f"{kind} reached the captured output (log lines, errors, prints)"
