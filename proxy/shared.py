@@ -38,7 +38,7 @@ from redis.exceptions import RedisError
 from .config import SharedConfig, UpstreamConfig
 from .invoice import InvalidInvoice, check_invoice
 from .metrics import SharedMetrics
-from .redis_connection import warm_up
+from .redis_connection import close, warm_up
 from .resilience import FAIR_LANE, CircuitBreaker, CircuitState, FairQueue, Refused
 from .upstream import FailureKind, Fetched, UpstreamFailure, spend_deadline, wait_bound_s
 
@@ -249,7 +249,7 @@ class SharedStore:
         try:
             yield
         finally:
-            await self._redis.aclose()
+            await close(self._redis)
 
     @property
     def available(self) -> bool:
