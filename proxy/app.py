@@ -8,12 +8,13 @@ closed by the API application's cleanup contexts.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from . import tasks
 from .admin import AdminHandlers, Readiness
 from .auth import Authenticator
 from .cache import InvoiceCache
@@ -26,6 +27,7 @@ from .middleware import observe
 from .upstream import Fetched, Upstream, open_upstream
 
 if TYPE_CHECKING:
+    from .purges import PurgeListener
     from .shared import SharedLevel, SharedStore
 
 CONFIG = web.AppKey("config", Config)
@@ -86,6 +88,7 @@ def init_app(
 
     shared: SharedLevel | None = None
     store: SharedStore | None = None
+    listener: PurgeListener | None = None
     if config.shared is not None:
         from .redis_connection import make_client  # loads the Redis client: only when configured
         from .shared import SharedLevel, SharedStore
@@ -109,6 +112,20 @@ def init_app(
             sleep=clock.sleep,
         )
     cache = InvoiceCache(config.cache, metrics, clock=clock.time, fleet=shared)
+    if config.shared is not None:
+        from .purges import BLOCK_MS, PurgeListener
+
+        # A client of its own: its reads block (up to BLOCK_MS) on purpose.
+        listener = PurgeListener(
+            make_client(
+                config.shared, socket_timeout=BLOCK_MS / 1000 + 1 + config.shared.timeout_s
+            ),
+            config.shared,
+            shared_metrics,
+            drop=cache.purge,
+            drop_all=cache.clear,
+            sleep=clock.sleep,
+        )
     invoices = InvoiceHandler(callers, cache, upstream_fetch, clock.time)
 
     api = web.Application(middlewares=[observe(metrics)], client_max_size=1024)
@@ -122,6 +139,8 @@ def init_app(
     api.cleanup_ctx.append(upstream_ctx)
     if store is not None:
         api.cleanup_ctx.append(store.lifetime)  # closed after the fetches under way
+    if listener is not None:
+        api.cleanup_ctx.append(_purges_ctx(listener, metrics))
     api.cleanup_ctx.append(_cache_ctx)
 
     admins = Authenticator(admin_callers(config.admin))
@@ -159,6 +178,24 @@ def admin_callers(config: AdminConfig) -> list[CallerConfig]:
 async def _credentials_ctx(app: web.Application) -> AsyncIterator[None]:
     async with running(app[CREDENTIALS]):
         yield
+
+
+def _purges_ctx(
+    listener: PurgeListener, metrics: Metrics
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The fleet's purges, read for as long as the application runs (`proxy.purges`)."""
+
+    async def ctx(_app: web.Application) -> AsyncIterator[None]:
+        from .redis_connection import close
+
+        task = tasks.start("fleet_purges", tasks.supervise("fleet_purges", listener.step, metrics))
+        try:
+            yield
+        finally:
+            await tasks.stop(task)
+            await close(listener.client)
+
+    return ctx
 
 
 async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -30,7 +30,7 @@ UPSTREAM_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0
 
 CACHE_RESULTS = ("hit", "miss", "stale", "none")
 # Every long-lived task (proxy.tasks.supervise): the `task` label of its failure count.
-BACKGROUND_TASKS = ("credential_refresher",)
+BACKGROUND_TASKS = ("credential_refresher", "fleet_purges")
 
 
 class Metrics:
@@ -212,7 +212,9 @@ class SharedMetrics:
         )
         for result in ("hit", "miss", "coalesced", "unavailable", "invalid"):
             self.lookups.labels(result=result)
-        for operation in ("ping", "get", "claim", "release", "renew", "budget", "delete"):
+        for operation in (
+            "ping", "get", "claim", "release", "renew", "budget", "delete", "listen",
+        ):  # fmt: skip
             self.errors.labels(operation=operation)
         for result in ("granted", "waited", "refused", "unavailable"):
             self.budget.labels(result=result)

@@ -35,6 +35,7 @@ from prometheus_client import Counter
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from . import purges
 from .config import SharedConfig, UpstreamConfig
 from .invoice import InvalidInvoice, check_invoice
 from .metrics import SharedMetrics
@@ -220,6 +221,7 @@ class SharedStore:
         self._monotonic = monotonic
         self._prefix = f"{config.namespace}:{FORMAT_VERSION}"
         self._budget_key = f"{self._prefix}:budget"
+        self._purges_key = purges.stream_key(config)
         self._lock_ms = max(1, round(config.lock_ttl_s * 1000))
         self._budget_args = (
             round(60_000_000 / upstream_config.fleet_rate_per_minute),
@@ -402,6 +404,11 @@ class SharedStore:
         """Drop a stored answer and any lock on its fetch; False when there was no answer."""
         keys = self._keys(organization, invoice_id)
         return bool(await self._run("delete", lambda _: self._purge(keys=keys)))
+
+    async def announce_purge(self, organization: str, invoice_id: str) -> None:
+        """Tell every process of the fleet to drop its local copy (`proxy.purges`)."""
+        key = self._purges_key
+        await self._run("delete", lambda r: purges.announce(r, key, organization, invoice_id))
 
     async def renew(self, organization: str, invoice_id: str, token: str) -> bool:
         """Extend the lock by its lifetime; False when it is no longer this token's."""
@@ -738,12 +745,19 @@ class SharedLevel:
         return budget.wait_s, self._waited if budget.wait_s > 0 else self._granted
 
     async def purge(self, organization: str, invoice_id: str) -> bool | None:
-        """Drop the shared copy: True when there was one, False when not, None when Redis
-        did not answer (the fleet's copy may still be there)."""
+        """Drop the shared copy and tell every process to drop its own: True when Redis
+        had a copy, False when not, None when Redis did not answer (the fleet's copies
+        may still be there).
+
+        The other processes are told even when Redis had none: a copy kept locally
+        past its Redis lifetime (within its stale window) goes too.
+        """
         try:
-            return await self._store.delete(organization, invoice_id)
+            found = await self._store.delete(organization, invoice_id)
+            await self._store.announce_purge(organization, invoice_id)
         except Unavailable:
             return None
+        return found
 
     @property
     def retry_interval_s(self) -> float:

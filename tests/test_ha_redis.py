@@ -14,7 +14,7 @@ import pytest
 from proxy.config import SharedConfig, parse_section
 from proxy.standin import Behaviour
 
-from .helpers import Proxy, ProxyFactory, Upstream, get, metric
+from .helpers import ADMIN, Proxy, ProxyFactory, Upstream, get, metric, wait_until
 from .redis_server import ClusterSet, SentinelSet
 
 REDIS_PASSWORD = "redis-PASSWORD-0123456789abcdefghijklmnopqrstuv"
@@ -253,3 +253,24 @@ async def test_cluster_budget_holds_across_three_proxies(
     statuses = [r.status for r in responses]
     assert set(statuses) == {200, 429}
     assert 5 <= upstream.standin.stats.requests <= 5 + int(elapsed) + 1
+
+
+async def test_cluster_purge_reaches_every_replica(
+    make_proxy: ProxyFactory, upstream: Upstream, cluster_set: ClusterSet
+) -> None:
+    config = sections({"redis_url": cluster_set.url, "cluster": True})
+    proxies = [await make_proxy(**config) for _ in range(3)]
+    for proxy in proxies:
+        await get(proxy, "inv_1")
+        assert (await get(proxy, "inv_1")).headers["X-Cache"] == "HIT"
+    response = await proxies[0].admin.delete(
+        "/cache/organizations/acme/invoices/inv_1", headers=ADMIN
+    )
+    assert response.status == 204
+    await wait_until(
+        lambda: all(metric(p, "invoice_proxy_cache_entries") == 0 for p in proxies),
+        "every replica to drop the purged invoice",
+        timeout=1.0,
+    )
+    assert [(await get(p, "inv_1")).headers["X-Cache"] for p in proxies] == ["MISS"] * 3
+    assert upstream.standin.requests_for("inv_1") == 2
