@@ -76,7 +76,12 @@ def init_app(
 
     async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         async with open_upstream(
-            config.upstream, credentials, metrics, clock=clock.monotonic, sleep=clock.sleep
+            config.upstream,
+            credentials,
+            metrics,
+            clock=clock.monotonic,
+            sleep=clock.sleep,
+            on_hold=shared.hold if shared is not None else None,
         ) as upstream:
             app[UPSTREAM] = upstream
             yield

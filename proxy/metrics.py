@@ -201,7 +201,9 @@ class SharedMetrics:
         self.budget = Counter(
             "invoice_proxy_fleet_budget_total",
             "Upstream requests before the fleet budget: granted, waited (granted after a "
-            "short wait), refused (answered 429), unavailable (Redis down: local cap only).",
+            "short wait), refused (answered 429), unavailable (Redis down: local cap only), "
+            "held (the fleet holds off after PlanetScale's 429 or an open circuit: answered "
+            "429 or 503), probe (the fleet's one request after a hold).",
             ["result"],
             registry=registry,
         )
@@ -216,6 +218,6 @@ class SharedMetrics:
             "ping", "get", "claim", "release", "renew", "budget", "delete", "listen",
         ):  # fmt: skip
             self.errors.labels(operation=operation)
-        for result in ("granted", "waited", "refused", "unavailable"):
+        for result in ("granted", "waited", "refused", "unavailable", "held", "probe"):
             self.budget.labels(result=result)
         self.up.set(1)

@@ -78,6 +78,10 @@ class Refused(Exception):
         super().__init__(f"no grant within the wait allowed; retry after {retry_after_s:.3f}s")
         self.retry_after_s = retry_after_s
 
+    def again(self) -> Refused:
+        """The same refusal, for another waiter (a subclass keeps what it carries)."""
+        return Refused(self.retry_after_s)
+
 
 class _Waiter(Generic[G]):
     __slots__ = ("deadline", "future")
@@ -232,7 +236,7 @@ class FairQueue(Generic[G]):
                     wait, grant = await self._book(max(0.0, patience - self._clock()))
                 except Refused as refused:
                     # The next grant comes after even the most patient waiter's bound.
-                    self._fail(functools.partial(Refused, refused.retry_after_s))
+                    self._fail(refused.again)
                     continue
                 if wait > 0:
                     await self._sleep(wait)

@@ -41,7 +41,14 @@ from .invoice import InvalidInvoice, check_invoice
 from .metrics import SharedMetrics
 from .redis_connection import close, warm_up
 from .resilience import FAIR_LANE, CircuitBreaker, CircuitState, FairQueue, Refused
-from .upstream import FailureKind, Fetched, UpstreamFailure, spend_deadline, wait_bound_s
+from .upstream import (
+    FailureKind,
+    Fetched,
+    Hold,
+    UpstreamFailure,
+    spend_deadline,
+    wait_bound_s,
+)
 
 log = structlog.get_logger("proxy.shared")
 
@@ -145,9 +152,42 @@ return found
 # The stored time is untrusted: not a number (or not a string), NaN, or later than
 # any booking could reach (ARGV[4]) counts as no budget state. The key always has an
 # expiry: one found without is given one.
-# KEYS: budget. ARGV: interval between requests (us), burst, max wait (us), bound (us).
-# Returns {1, wait_us} (granted after wait_us) or {0, wait_us} (refused).
+# Before the budget, PlanetScale's limits as the fleet knows them: while the hold key
+# lives (a 429 with Retry-After, or a circuit opened, on any replica), nothing goes;
+# after it, the probe key says a probe is due ('due <kind>'): the first request
+# granted is the probe ('<token> <kind>'), and the others wait for its outcome.
+# KEYS: budget, hold, probe. ARGV: interval between requests (us), burst, max wait (us),
+# bound (us), probe token, probe lifetime (ms), longest hold (ms).
+# Returns {1, wait_us} (granted after wait_us), {0, wait_us} (refused), {2, wait_us,
+# kind} (held off: not before wait_us) or {3, wait_us} (granted: this is the probe).
 _BUDGET = """
+local hold = redis.call('PTTL', KEYS[2])
+if hold == -1 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[7])
+  hold = tonumber(ARGV[7])
+end
+if hold > 0 then
+  local kind = redis.pcall('GET', KEYS[2])
+  if type(kind) ~= 'string' then kind = 'rate_limited' end
+  return {2, hold * 1000, kind}
+end
+local probing = false
+local probe = redis.pcall('GET', KEYS[3])
+if type(probe) == 'table' then
+  redis.call('DEL', KEYS[3])
+elseif probe then
+  local left = redis.call('PTTL', KEYS[3])
+  if left == -1 then
+    redis.call('PEXPIRE', KEYS[3], ARGV[6])
+    left = tonumber(ARGV[6])
+  end
+  local state, kind = string.match(probe, '^(%S+) (%S+)$')
+  if state == 'due' then
+    probing = kind
+  else
+    return {2, math.min(left, 1000) * 1000, kind or 'rate_limited'}
+  end
+end
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local max_wait = tonumber(ARGV[3])
@@ -169,8 +209,42 @@ if wait > max_wait then
 end
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX',
            math.ceil((new_tat - now) / 1000) + 1000)
+if probing then
+  redis.call('SET', KEYS[3], ARGV[5] .. ' ' .. probing, 'PX', ARGV[6])
+  return {3, math.ceil(wait)}
+end
 return {1, math.ceil(wait)}
 """
+# The fleet holds off: a hold of `kind` for ARGV[2] ms (never shortened), then a probe
+# is due (for ARGV[3] ms; nobody asking by then: the fleet goes on as usual).
+# KEYS: hold, probe. ARGV: kind, hold (ms), probe due (ms).
+_HOLD = """
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+redis.call('SET', KEYS[2], 'due ' .. ARGV[1], 'PX', ARGV[3])
+return 1
+"""
+# The probe's outcome: PlanetScale answered (the probe key goes: everyone goes on), or
+# the probe failed without a new hold (the next request probes). Only the probe's own.
+# KEYS: probe. ARGV: token, '1' (answered) or '0', probe due (ms).
+_PROBED = """
+local value = redis.pcall('GET', KEYS[1])
+if type(value) ~= 'string' then return 0 end
+local token, kind = string.match(value, '^(%S+) (%S+)$')
+if token ~= ARGV[1] then return 0 end
+if ARGV[2] == '1' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], 'due ' .. kind, 'PX', ARGV[3])
+end
+return 1
+"""
+# The longest the fleet holds off for one 429 or open circuit (a Retry-After beyond is
+# cut to this), and how long after a hold the probe stays due.
+MAX_HOLD_S = 600.0
+PROBE_DUE_S = 60.0
+HOLD_KINDS = {kind.value: kind for kind in (FailureKind.RATE_LIMITED, FailureKind.CIRCUIT_OPEN)}
 
 
 class Unavailable(Exception):
@@ -187,10 +261,17 @@ class Shared(NamedTuple):
 
 
 class Budget(NamedTuple):
-    """The fleet budget's answer: go (after `wait_s`), or not before `wait_s`."""
+    """The fleet budget's answer: go (after `wait_s`), or not before `wait_s`.
+
+    `held`: refused because the fleet holds off (PlanetScale's 429, or a circuit open
+    somewhere), with what a request refused meanwhile fails with. `probe`: granted as
+    the fleet's one probe after a hold; its token, to report the outcome with.
+    """
 
     granted: bool
     wait_s: float
+    held: FailureKind | None = None
+    probe: str | None = None
 
 
 class SharedStore:
@@ -221,6 +302,11 @@ class SharedStore:
         self._monotonic = monotonic
         self._prefix = f"{config.namespace}:{FORMAT_VERSION}"
         self._budget_key = f"{self._prefix}:budget"
+        # In the budget key's Cluster slot (a hash tag of the whole budget key hashes as
+        # the budget key does), so one script reads all three.
+        self._hold_key = f"{self._prefix}:hold:{{{self._budget_key}}}"
+        self._probe_key = f"{self._prefix}:probe:{{{self._budget_key}}}"
+        self._probe_ms = round((config.lock_ttl_s + upstream_config.deadline_s) * 1000)
         self._purges_key = purges.stream_key(config)
         self._lock_ms = max(1, round(config.lock_ttl_s * 1000))
         self._budget_args = (
@@ -236,6 +322,8 @@ class SharedStore:
         self._renew = client.register_script(_RENEW)
         self._purge = client.register_script(_PURGE)
         self._budget = client.register_script(_BUDGET)
+        self._hold = client.register_script(_HOLD)
+        self._probed = client.register_script(_PROBED)
         self._invalid = metrics.lookups.labels(result="invalid")
 
     async def lifetime(self, _app: object = None) -> AsyncIterator[None]:
@@ -425,18 +513,64 @@ class SharedStore:
         # No replica books further ahead than burst, one interval and its wait; twice
         # that leaves room for replicas configured otherwise during a rollout.
         bound_us = 2 * ((burst + 1) * interval_us + max_wait_us) + 1_000_000
-        args = [interval_us, burst, max_wait_us, bound_us]
-        reply = await self._run(
-            "budget", lambda _: self._budget(keys=[self._budget_key], args=args)
-        )
+        token = self.new_token()
+        max_hold_ms = round(MAX_HOLD_S * 1000)
+        args: list[str | int] = [
+            interval_us,
+            burst,
+            max_wait_us,
+            bound_us,
+            token,
+            self._probe_ms,
+            max_hold_ms,
+        ]
+        keys = [self._budget_key, self._hold_key, self._probe_key]
+        reply = await self._run("budget", lambda _: self._budget(keys=keys, args=args))
         try:
             granted, wait_us = int(reply[0]), int(reply[1])
-        except (TypeError, ValueError, IndexError):
-            granted, wait_us = -1, -1
-        if granted not in (0, 1) or not 0 <= wait_us <= bound_us:
+            held = (
+                HOLD_KINDS.get(_text(reply[2]), FailureKind.RATE_LIMITED) if granted == 2 else None
+            )
+        except (TypeError, ValueError, IndexError, UnicodeDecodeError):
+            granted, wait_us, held = -1, -1, None
+        bound = max_hold_ms * 1000 if granted == 2 else bound_us
+        if granted not in (0, 1, 2, 3) or not 0 <= wait_us <= bound:
             self._metrics.errors.labels(operation="budget").inc()
             raise Unavailable()
-        return Budget(bool(granted), wait_us / 1_000_000)
+        if granted == 2:
+            return Budget(False, wait_us / 1_000_000, held=held)
+        return Budget(granted > 0, wait_us / 1_000_000, probe=token if granted == 3 else None)
+
+    async def hold_off(self, kind: FailureKind, seconds: float) -> None:
+        """The whole fleet holds off for `seconds` (at most MAX_HOLD_S); then one probe."""
+        hold_ms = max(1, round(min(seconds, MAX_HOLD_S) * 1000))
+        args = [kind.value, hold_ms, hold_ms + round(PROBE_DUE_S * 1000)]
+        keys = [self._hold_key, self._probe_key]
+        await self._run("budget", lambda _: self._hold(keys=keys, args=args))
+
+    async def probed(self, token: str, *, answered: bool) -> None:
+        """The probe's outcome: PlanetScale answered (all go on), or the next one probes."""
+        args = [token, "1" if answered else "0", round(PROBE_DUE_S * 1000)]
+        await self._run("budget", lambda _: self._probed(keys=[self._probe_key], args=args))
+
+
+class HeldOff(Refused):
+    """The fleet holds off (PlanetScale's limit, or an open circuit): `kind` says which."""
+
+    def __init__(self, retry_after_s: float, kind: FailureKind) -> None:
+        super().__init__(retry_after_s)
+        self.kind = kind
+
+    def again(self) -> HeldOff:
+        return HeldOff(self.retry_after_s, self.kind)
+
+
+def _held(kind: FailureKind, seconds: float) -> UpstreamFailure:
+    if kind == FailureKind.CIRCUIT_OPEN:
+        message = "PlanetScale is failing; the fleet stopped calling it for a moment"
+    else:
+        message = "PlanetScale's rate limit holds for the fleet; retry after the given delay"
+    return UpstreamFailure(kind, message, retry_after=max(0.001, seconds))
 
 
 class InvalidShared(Exception):
@@ -445,6 +579,10 @@ class InvalidShared(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason  # a fixed word for logs and metrics, never the value
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _pack(answer: Shared) -> bytes:
@@ -508,7 +646,7 @@ class Turn:
     def __init__(
         self,
         store: SharedStore,
-        budget: Callable[[], Awaitable[None]],
+        budget: Callable[[], Awaitable[str | None]],
         organization: str,
         invoice_id: str,
         *,
@@ -525,15 +663,26 @@ class Turn:
         self._shares = shares  # False while Redis is out: nothing to share, nobody waits
 
     async def fetch(self, upstream: Callable[[], Awaitable[Fetched]]) -> Fetched:
-        """Ask PlanetScale within the fleet budget; on failure the lock is dropped at once."""
+        """Ask PlanetScale within the fleet budget; on failure the lock is dropped at once.
+
+        The fleet's probe after a hold reports how it went: answered, everyone goes on.
+        """
+        probe = None
         try:
-            await self._budget()
-            return await upstream()
+            probe = await self._budget()
+            fetched = await upstream()
         except BaseException:
             if self.token is not None:
                 with contextlib.suppress(Unavailable):  # counted and logged by the store
                     await self._store.unlock(self._organization, self._invoice_id, self.token)
+            if probe is not None:
+                with contextlib.suppress(Unavailable):
+                    await self._store.probed(probe, answered=False)
             raise
+        if probe is not None:
+            with contextlib.suppress(Unavailable):
+                await self._store.probed(probe, answered=True)
+        return fetched
 
     async def share(self, fetched: Fetched, fresh_until: float, stale_until: float) -> None:
         """Store the answer for the fleet and drop the lock; until then the others wait."""
@@ -593,10 +742,16 @@ class SharedLevel:
         self._waited = budget.labels(result="waited")
         self._refused = budget.labels(result="refused")
         self._budget_unavailable = budget.labels(result="unavailable")
+        self._held = budget.labels(result="held")
+        self._probe = budget.labels(result="probe")
+        # The fleet's hold-off as this replica knows it (monotonic), also while Redis is out.
+        self._held_until = 0.0
+        self._held_kind = FailureKind.RATE_LIMITED
+        self._holds: set[asyncio.Task[None]] = set()
         # Waiting fetches of this replica, served in turn; one booking in Redis at a time.
         interval_s = 60.0 / upstream_config.fleet_rate_per_minute
         burst = upstream_config.fleet_burst
-        self._budget_queue: FairQueue[Counter] = FairQueue(
+        self._budget_queue: FairQueue[tuple[Counter, str | None]] = FairQueue(
             self._book_budget,
             # Optimistic (the burst unspent, no other replica waiting): only a wait that
             # cannot fit is refused before asking Redis, whose booking has the last word.
@@ -709,16 +864,49 @@ class SharedLevel:
                 log.error("shared_lock_renewal_failed", error=type(exc).__name__)
                 return
 
-    async def _take_budget(self) -> None:
-        """A request from the fleet's budget, in this fetch's lane's turn.
+    def hold(self, hold: Hold) -> None:
+        """`Upstream`'s `on_hold`: PlanetScale asked for a pause, or the circuit opened.
+
+        This replica holds off at once (also while Redis is out); the fleet through Redis.
+        """
+        seconds = min(hold.seconds, MAX_HOLD_S)
+        until = self._monotonic() + seconds
+        if until > self._held_until:
+            self._held_until, self._held_kind = until, hold.kind
+        log.warning("fleet_hold_off", kind=hold.kind.value, seconds=round(seconds, 3))
+        task = asyncio.create_task(self._share_hold(hold.kind, seconds), name="fleet-hold")
+        self._holds.add(task)
+        task.add_done_callback(self._holds.discard)
+
+    async def _share_hold(self, kind: FailureKind, seconds: float) -> None:
+        store = self._store
+        with contextlib.suppress(Unavailable):  # counted and logged by the store
+            await _twice(store, lambda: store.hold_off(kind, seconds))
+
+    async def _take_budget(self) -> str | None:
+        """A request from the fleet's budget, in this fetch's lane's turn; the probe's
+        token when this request is the fleet's probe after a hold.
 
         It waits while the wait fits `fleet_max_wait_s` (the deadline less the attempt's
-        room, by default); beyond that the answer is 429 with when to come back. The time
-        waited is spent from the fetch's deadline.
+        room, by default); beyond that the answer is 429 with when to come back. While
+        the fleet holds off, the answer is at once PlanetScale's limit (429) or the open
+        circuit (503), with when to come back. The time waited is spent from the
+        fetch's deadline.
         """
         start = self._monotonic()
+        if start < self._held_until:
+            self._held.inc()
+            raise _held(self._held_kind, self._held_until - start)
         try:
-            counted = await self._budget_queue.acquire(FAIR_LANE.get(), self._fleet_max_wait_s)
+            counted, probe = await self._budget_queue.acquire(
+                FAIR_LANE.get(), self._fleet_max_wait_s
+            )
+        except HeldOff as held:
+            self._held.inc()
+            until = self._monotonic() + held.retry_after_s
+            if until > self._held_until:
+                self._held_until, self._held_kind = until, held.kind
+            raise _held(held.kind, held.retry_after_s) from None
         except Refused as refused:
             self._refused.inc()
             raise UpstreamFailure(
@@ -728,21 +916,29 @@ class SharedLevel:
             ) from None
         counted.inc()
         spend_deadline(self._monotonic() - start)
+        return probe
 
-    async def _book_budget(self, max_wait_s: float) -> tuple[float, Counter]:
-        """The fleet's next request: (wait, the counter of how it went), or `Refused`."""
+    async def _book_budget(self, max_wait_s: float) -> tuple[float, tuple[Counter, str | None]]:
+        """The fleet's next request: (wait, (the counter of how it went, the probe's
+        token)), or `Refused` (`HeldOff` while the fleet holds off)."""
         try:
             budget = await _twice(self._store, lambda: self._store.take_budget(max_wait_s))
         except Unavailable:
-            return 0.0, self._budget_unavailable  # an outage: the local rate cap still holds
+            # An outage: the local rate cap and this replica's own hold still hold.
+            return 0.0, (self._budget_unavailable, None)
         except Exception as exc:
             # An answer the store did not expect is not a reason to refuse every miss:
             # as in an outage, the local cap still holds.
             log.warning("fleet_budget_failed", error=type(exc).__name__)
-            return 0.0, self._budget_unavailable
+            return 0.0, (self._budget_unavailable, None)
+        if budget.held is not None:
+            raise HeldOff(budget.wait_s, budget.held)
         if not budget.granted:
             raise Refused(budget.wait_s)
-        return budget.wait_s, self._waited if budget.wait_s > 0 else self._granted
+        if budget.probe is not None:
+            log.info("fleet_probe")
+            return budget.wait_s, (self._probe, budget.probe)
+        return budget.wait_s, (self._waited if budget.wait_s > 0 else self._granted, None)
 
     async def purge(self, organization: str, invoice_id: str) -> bool | None:
         """Drop the shared copy and tell every process to drop its own: True when Redis

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 from urllib.parse import quote, unquote
 
 import aiohttp
@@ -131,6 +132,18 @@ class UpstreamFailure(Exception):
         return UpstreamFailure(
             self.kind, self.message, retry_after=self.retry_after, counts=self.counts
         )
+
+
+class Hold(NamedTuple):
+    """A fact for the fleet: PlanetScale asked for a pause (its 429 with Retry-After), or
+    this client's circuit opened; no request should go for `seconds`. `kind` is what a
+    request refused meanwhile fails with."""
+
+    kind: FailureKind  # RATE_LIMITED or CIRCUIT_OPEN
+    seconds: float
+
+
+OnHold = Callable[[Hold], object]
 
 
 def _timeout(*, counts: bool, retry: bool = False) -> UpstreamFailure:
@@ -336,6 +349,7 @@ async def open_upstream(
     *,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    on_hold: OnHold | None = None,
 ) -> AsyncIterator[Upstream]:
     """The client and its session, for as long as the block (a cleanup context) lasts."""
     middleware = CredentialMiddleware(credentials, metrics, clock=clock)
@@ -352,11 +366,18 @@ async def open_upstream(
         # and within the deadline; theirs would double what PlanetScale sees on a
         # reset. There is no public switch; aiohttp's own TestClient does the same.
         session._retry_connection = False
-        yield Upstream(config, session, credentials, metrics, clock=clock, sleep=sleep)
+        yield Upstream(
+            config, session, credentials, metrics, clock=clock, sleep=sleep, on_hold=on_hold
+        )
 
 
 class Upstream:
-    """Fetches one invoice from PlanetScale, over a session with `CredentialMiddleware`."""
+    """Fetches one invoice from PlanetScale, over a session with `CredentialMiddleware`.
+
+    `on_hold` (the fleet level, with `[shared]`) hears each `Hold`: a 429 with
+    Retry-After, or the circuit opening. With it, such a 429 is not retried here after
+    the pause: the fleet holds off as one, and one probe after the pause goes first.
+    """
 
     def __init__(
         self,
@@ -367,7 +388,9 @@ class Upstream:
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        on_hold: OnHold | None = None,
     ) -> None:
+        self._on_hold = on_hold
         self._config = config
         self._metrics = metrics
         self._clock = clock
@@ -455,7 +478,10 @@ class Upstream:
                 if failure.retry_after is not None:
                     # Honoured, never shortened: a pause longer than backoff_max_s is
                     # the caller's to take, with PlanetScale's Retry-After passed on.
-                    if failure.retry_after > config.backoff_max_s:
+                    # With a fleet, the pause is the fleet's (`on_hold` heard it).
+                    if failure.retry_after > config.backoff_max_s or (
+                        self._on_hold is not None and failure.kind == FailureKind.RATE_LIMITED
+                    ):
                         raise
                     delay = max(delay, failure.retry_after)
                 if self._clock() + delay >= fetch.deadline:
@@ -563,10 +589,13 @@ class Upstream:
             return Fetched(404, b"", None)
         if status == 429:
             # PlanetScale protecting itself, not failing: it does not open the circuit.
+            retry_after = _retry_after(response.headers.get("Retry-After"))
+            if retry_after is not None and self._on_hold is not None:
+                self._on_hold(Hold(FailureKind.RATE_LIMITED, retry_after))
             raise UpstreamFailure(
                 FailureKind.RATE_LIMITED,
                 "PlanetScale's rate limit holds; retry later",
-                retry_after=_retry_after(response.headers.get("Retry-After")),
+                retry_after=retry_after,
                 retry=True,
             )
         if status in _RETRY_STATUSES:
@@ -618,6 +647,8 @@ class Upstream:
     def _circuit_changed(self, state: CircuitState) -> None:
         self._metrics.upstream_circuit_state.set(int(state))
         log.warning("upstream_circuit_changed", state=state.name.lower())
+        if state == CircuitState.OPEN and self._on_hold is not None:
+            self._on_hold(Hold(FailureKind.CIRCUIT_OPEN, self._config.circuit_open_s))
 
 
 def _requested_id(response: aiohttp.ClientResponse) -> str:

@@ -248,6 +248,10 @@ class ClusterSet:
                     str(workdir / f"node{i}" / "nodes.conf"),
                     "--cluster-node-timeout",
                     "2000",
+                    # The bus port is port + 10000 by default: past 65535 for a high
+                    # free port. One of its own (Redis 7's cluster-port).
+                    "--cluster-port",
+                    str(free_port()),
                 ),
             )
             for i in range(3)
