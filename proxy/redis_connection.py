@@ -31,6 +31,12 @@ if TYPE_CHECKING:
     from .config import SharedConfig
 
 
+# What a busy event loop may add to a Redis command's `timeout_s` before it counts as
+# failed (`resilience.loop_timeout`, in the store). The client's own timeouts are this
+# much longer, so they never cut a command the store still waits for.
+LAG_SLACK_S = 0.25
+
+
 class PasswordFile(CredentialProvider):
     """The Redis password, read from its file for each new connection (so it can rotate)."""
 
@@ -55,11 +61,13 @@ def make_client(config: SharedConfig, *, socket_timeout: float | None = None) ->
     """A client with a bounded pool, short timeouts and no retries of its own.
 
     It connects nothing yet: the first command (or `warm_up`) opens a connection.
-    `socket_timeout` (default `timeout_s`) is for a client that blocks on purpose.
+    `socket_timeout` (default `timeout_s` and the busy loop's slack) is for a client
+    that blocks on purpose.
     """
+    limit = config.timeout_s + LAG_SLACK_S
     options: dict[str, Any] = {
-        "socket_timeout": config.timeout_s if socket_timeout is None else socket_timeout,
-        "socket_connect_timeout": config.timeout_s,
+        "socket_timeout": limit if socket_timeout is None else socket_timeout,
+        "socket_connect_timeout": limit,
         "retry": Retry(NoBackoff(), 0),  # ours is the circuit; a retry would double the wait
         # A new connection costs one round trip: no HELLO (RESP2 is all we need) and no
         # CLIENT SETINFO. A burst of misses opens many at once; redis-py's defaults make
@@ -79,7 +87,7 @@ def make_client(config: SharedConfig, *, socket_timeout: float | None = None) ->
             config.redis_url, max_connections=config.max_connections, **options
         )
     options["max_connections"] = config.max_connections
-    options["timeout"] = config.timeout_s  # waiting for a pooled connection
+    options["timeout"] = limit  # waiting for a pooled connection
     if config.sentinels:
         return _sentinel_client(config, options)
     return Redis.from_pool(BlockingConnectionPool.from_url(config.redis_url, **options))
@@ -94,9 +102,10 @@ def _sentinel_client(config: SharedConfig, options: dict[str, Any]) -> Redis:
     url = urlsplit(config.redis_url)
     tls = url.scheme.lower() == "rediss"
     database = int(url.path.strip("/") or 0)
+    limit = config.timeout_s + LAG_SLACK_S
     sentinel_options: dict[str, Any] = {
-        "socket_timeout": config.timeout_s,
-        "socket_connect_timeout": config.timeout_s,
+        "socket_timeout": limit,
+        "socket_connect_timeout": limit,
         "retry": Retry(NoBackoff(), 0),
         "protocol": 2,
         "driver_info": None,

@@ -39,8 +39,15 @@ from . import purges
 from .config import SharedConfig, UpstreamConfig
 from .invoice import InvalidInvoice, check_invoice
 from .metrics import SharedMetrics
-from .redis_connection import close, warm_up
-from .resilience import FAIR_LANE, CircuitBreaker, CircuitState, FairQueue, Refused
+from .redis_connection import LAG_SLACK_S, close, warm_up
+from .resilience import (
+    FAIR_LANE,
+    CircuitBreaker,
+    CircuitState,
+    FairQueue,
+    Refused,
+    loop_timeout,
+)
 from .upstream import (
     FailureKind,
     Fetched,
@@ -361,7 +368,9 @@ class SharedStore:
         if not self._circuit.allow():
             raise Unavailable()
         try:
-            async with asyncio.timeout(self._config.timeout_s):
+            # Timed as Redis answers, not as this loop gets to the answer: a busy
+            # replica is not a Redis outage (up to LAG_SLACK_S more, when busy).
+            async with loop_timeout(self._config.timeout_s, LAG_SLACK_S):
                 result = await command(self._redis)
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(operation, exc, decisive)
