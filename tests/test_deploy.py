@@ -283,7 +283,10 @@ def test_network_policy_lets_in_callers_and_scraper_and_out_dns_vault_https(
         "the admin port is open to the scraper only"
     )
     egress = sorted((p["port"], p["protocol"]) for rule in policy["egress"] for p in rule["ports"])
-    redis = [(6379, "TCP")] if "shared" in rendered_config(objects) else []
+    shared = rendered_config(objects).get("shared", {})
+    redis = [(6379, "TCP")] if shared else []
+    if shared.get("sentinels"):
+        redis.append((26379, "TCP"))  # the sentinels, which name the primary
     assert egress == sorted([(53, "TCP"), (53, "UDP"), (443, "TCP"), (8200, "TCP"), *redis])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from proxy.config import SharedConfig, parse_section
 from proxy.standin import Behaviour
 
+from . import manifests
 from .helpers import ADMIN, Proxy, ProxyFactory, Upstream, get, metric, wait_until
 from .redis_server import ClusterSet, SentinelSet
 
@@ -274,3 +276,83 @@ async def test_cluster_purge_reaches_every_replica(
     )
     assert [(await get(p, "inv_1")).headers["X-Cache"] for p in proxies] == ["MISS"] * 3
     assert upstream.standin.requests_for("inv_1") == 2
+
+
+# --- the Kubernetes overlays -------------------------------------------------------
+
+
+def rendered(overlay: str) -> tuple[dict[tuple[str, str], dict[str, Any]], dict[str, Any]]:
+    objects = manifests.render(overlay)
+    return {(o["kind"], o["metadata"]["name"]): o for o in objects}, manifests.rendered_config(
+        objects
+    )
+
+
+def valkey_pods(by_kind_name: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    """The DNS names of the StatefulSet's pods, through its headless Service."""
+    valkey = by_kind_name[("StatefulSet", "invoice-proxy-valkey")]["spec"]
+    service = by_kind_name[("Service", "invoice-proxy-valkey")]["spec"]
+    assert service["clusterIP"] == "None" and valkey["serviceName"] == "invoice-proxy-valkey"
+    assert ("Deployment", "invoice-proxy-valkey") not in by_kind_name, "the single Valkey goes"
+    return [f"invoice-proxy-valkey-{i}.invoice-proxy-valkey" for i in range(valkey["replicas"])]
+
+
+def no_password_on_a_command_line(workload: dict[str, Any]) -> None:
+    for container in workload["spec"]["template"]["spec"]["containers"]:
+        line = " ".join(container.get("args", []))
+        assert "--requirepass" not in line and " -a " not in line and "--pass" not in line
+        for env in container.get("env", []):
+            assert env["valueFrom"]["secretKeyRef"] == {
+                "name": "invoice-proxy-redis",
+                "key": "password",
+            }
+
+
+def test_sentinel_overlay_points_the_proxy_at_three_sentinels() -> None:
+    by_kind_name, config = rendered("overlays/redis-sentinel")
+    shared = config["shared"]
+    _, problems = parse_section(SharedConfig, shared, "shared")
+    assert problems == []
+    pods = valkey_pods(by_kind_name)
+    assert shared["sentinels"] == [f"{pod}:26379" for pod in pods] and len(pods) == 3
+    statefulset = by_kind_name[("StatefulSet", "invoice-proxy-valkey")]
+    containers = statefulset["spec"]["template"]["spec"]["containers"]
+    assert [c["name"] for c in containers] == ["valkey", "sentinel"]
+    sentinel_args = containers[1]["args"][0]
+    assert f"sentinel monitor {shared['sentinel_service']} " in sentinel_args
+    assert "sentinel auth-pass" in sentinel_args and "requirepass" in sentinel_args
+    no_password_on_a_command_line(statefulset)
+    egress = by_kind_name[("NetworkPolicy", "invoice-proxy")]["spec"]["egress"]
+    ports = {p["port"] for rule in egress for p in rule["ports"]}
+    assert {6379, 26379} <= ports
+    mount = "/etc/invoice-proxy-redis/password"
+    assert shared["password_file"] == shared["sentinel_password_file"] == mount
+
+
+def test_cluster_overlay_names_a_node_and_joins_three() -> None:
+    by_kind_name, config = rendered("overlays/redis-cluster")
+    shared = config["shared"]
+    _, problems = parse_section(SharedConfig, shared, "shared")
+    assert problems == [] and shared["cluster"] is True
+    pods = valkey_pods(by_kind_name)
+    assert shared["redis_url"] == f"redis://{pods[0]}:6379/0"
+    statefulset = by_kind_name[("StatefulSet", "invoice-proxy-valkey")]
+    args = statefulset["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert "cluster-enabled yes" in args and "cluster-announce-hostname" in args
+    join = by_kind_name[("Job", "invoice-proxy-valkey-join")]
+    join_args = join["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert "--cluster create" in join_args and "for i in 0 1 2" in join_args
+    no_password_on_a_command_line(statefulset)
+    no_password_on_a_command_line(join)
+    ingress = by_kind_name[("NetworkPolicy", "invoice-proxy-valkey")]["spec"]["ingress"]
+    assert {16379, 6379} == {p["port"] for rule in ingress for p in rule["ports"]}
+
+
+@pytest.mark.parametrize("overlay", ["redis-sentinel", "redis-cluster"])
+def test_ha_overlay_config_is_the_redis_overlay_but_for_shared(overlay: str) -> None:
+    def config(name: str) -> dict[str, Any]:
+        data = tomllib.loads((manifests.KUSTOMIZE / "overlays" / name / "config.toml").read_text())
+        data.pop("shared")
+        return data
+
+    assert config(overlay) == config("redis")
