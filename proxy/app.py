@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
+from . import tasks
 from .admin import AdminHandlers, Readiness
 from .auth import Authenticator
 from .cache import InvoiceCache
@@ -46,6 +47,7 @@ from .upstream import Fetched, Upstream, open_upstream
 
 if TYPE_CHECKING:
     from .organizations import OrganizationCredentials
+    from .purges import PurgeListener
     from .shared import SharedLevel, SharedStore
     from .vault import VaultClient
 
@@ -208,6 +210,7 @@ def init_app(
             clock=clock.monotonic,
             sleep=clock.sleep,
             max_lanes=lanes,
+            on_hold=shared.hold if shared is not None else None,
         ) as upstream:
             app[UPSTREAM] = upstream
             yield
@@ -219,6 +222,7 @@ def init_app(
 
     shared: SharedLevel | None = None
     redis_store: SharedStore | None = None
+    listener: PurgeListener | None = None
     if config.shared is not None:
         from .redis_connection import make_client  # loads the Redis client: only when configured
         from .shared import SharedLevel, SharedStore
@@ -244,6 +248,20 @@ def init_app(
             max_budgets=lanes,
         )
     cache = InvoiceCache(config.cache, metrics, clock=clock.time, fleet=shared)
+    if config.shared is not None:
+        from .purges import BLOCK_MS, PurgeListener
+
+        # A client of its own: its reads block (up to BLOCK_MS) on purpose.
+        listener = PurgeListener(
+            make_client(
+                config.shared, socket_timeout=BLOCK_MS / 1000 + 1 + config.shared.timeout_s
+            ),
+            config.shared,
+            shared_metrics,
+            drop=cache.purge,
+            drop_all=cache.clear,
+            sleep=clock.sleep,
+        )
     invoices = InvoiceHandler(callers, cache, upstream_fetch, clock.time)
 
     api = web.Application(middlewares=[observe(metrics)], client_max_size=1024)
@@ -265,6 +283,8 @@ def init_app(
     api.cleanup_ctx.append(upstream_ctx)
     if redis_store is not None:
         api.cleanup_ctx.append(redis_store.lifetime)  # closed after the fetches under way
+    if listener is not None:
+        api.cleanup_ctx.append(_purges_ctx(listener, metrics))
     api.cleanup_ctx.append(_cache_ctx)
 
     admins = Authenticator(admin_callers(config.admin))
@@ -319,6 +339,24 @@ def organizations_ctx_for(
     async def ctx(_app: web.Application) -> AsyncIterator[None]:
         async with organizations.running():
             yield
+
+    return ctx
+
+
+def _purges_ctx(
+    listener: PurgeListener, metrics: Metrics
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The fleet's purges, read for as long as the application runs (`proxy.purges`)."""
+
+    async def ctx(_app: web.Application) -> AsyncIterator[None]:
+        from .redis_connection import close
+
+        task = tasks.start("fleet_purges", tasks.supervise("fleet_purges", listener.step, metrics))
+        try:
+            yield
+        finally:
+            await tasks.stop(task)
+            await close(listener.client)
 
     return ctx
 

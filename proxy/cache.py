@@ -255,6 +255,14 @@ class InvoiceCache:
         self._update_gauges()
         return found
 
+    def clear(self) -> None:
+        """Drop every entry (purges were missed): as `purge` for each key."""
+        self._purged.update(self._inflight.values())
+        self._inflight.clear()
+        for key in list(self._store):
+            self._store.pop(key, None)  # not clear(): its popitem would count evictions
+        self._update_gauges()
+
     def _update_gauges(self) -> None:
         self._metrics.cache_entries.set(len(self._store))
         self._metrics.cache_bytes.set(self._store.currsize)

@@ -118,6 +118,11 @@ def _redis_url_problem(value: str) -> str | None:
     )
 
 
+def _is_host_port(value: str) -> bool:
+    host, _, port = value.rpartition(":")
+    return bool(_HOST.fullmatch(host)) and port.isdigit() and 0 < int(port) < 65536
+
+
 def _no_trailing_slash(value: str) -> str:
     return value.rstrip("/")
 
@@ -509,7 +514,23 @@ class SharedConfig:
     """`[shared]`: the fleet level on Redis. Its budget is `upstream.fleet_*`."""
 
     redis_url: str = key(
-        "", required=True, url=_redis_url_problem, doc="redis:// or rediss:// (TLS)"
+        "",
+        required=True,
+        url=_redis_url_problem,
+        doc="redis:// or rediss:// (TLS); with cluster, any node; with sentinels, the "
+        "scheme and database only (the host is the primary Sentinel names)",
+    )
+    cluster: bool = key(False, doc="Redis Cluster or Valkey cluster mode")
+    sentinels: tuple[str, ...] = key(
+        (),
+        items=_is_host_port,
+        item_problem="expected host:port",
+        doc="host:port of each Sentinel; set: the primary is found (and followed) through them",
+    )
+    sentinel_service: str = key("mymaster", doc="the service (master) name the sentinels watch")
+    sentinel_username: str = key("", doc="the sentinels' ACL user (needs sentinel_password_file)")
+    sentinel_password_file: str = key(
+        "", doc="holds the sentinels' own password (requirepass), re-read for each connection"
     )
     username: str = key("", doc="Redis ACL user; empty: the default user")
     password_file: str = key("", doc="holds the password, re-read for each new connection")
@@ -801,6 +822,14 @@ def _shared_rules(c: SharedConfig, t: _Table) -> None:
         t.problem("username", "needs shared.password_file")
     if not _NAMESPACE.fullmatch(c.namespace):
         t.problem("namespace", "expected 1 to 64 characters of A-Z a-z 0-9 _ . -")
+    if c.cluster and c.sentinels:
+        t.problem("sentinels", "cannot be used with cluster = true (a cluster has no Sentinel)")
+    if c.cluster and re.search(r"^[^?]*//[^/?]*/0*[1-9]", c.redis_url):
+        t.problem("redis_url", "a cluster has database 0 only")
+    if c.sentinel_username and not c.sentinel_password_file:
+        t.problem("sentinel_username", "needs shared.sentinel_password_file")
+    if not c.sentinels and (c.sentinel_username or c.sentinel_password_file):
+        t.problem("sentinel_password_file", "is only used with shared.sentinels")
 
 
 def _caller_rules(c: CallerConfig, t: _Table) -> None:

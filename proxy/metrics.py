@@ -30,7 +30,7 @@ UPSTREAM_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0
 
 CACHE_RESULTS = ("hit", "miss", "stale", "none")
 # Every long-lived task (proxy.tasks.supervise): the `task` label of its failure count.
-BACKGROUND_TASKS = ("credential_refresher", "jwks_refresher", "tls_watcher")
+BACKGROUND_TASKS = ("credential_refresher", "jwks_refresher", "tls_watcher", "fleet_purges")
 
 
 class Metrics:
@@ -249,7 +249,9 @@ class SharedMetrics:
         self.budget = Counter(
             "invoice_proxy_fleet_budget_total",
             "Upstream requests before the fleet budget: granted, waited (granted after a "
-            "short wait), refused (answered 429), unavailable (Redis down: local cap only).",
+            "short wait), refused (answered 429), unavailable (Redis down: local cap only), "
+            "held (the fleet holds off after PlanetScale's 429 or an open circuit: answered "
+            "429 or 503), probe (the fleet's one request after a hold).",
             ["result"],
             registry=registry,
         )
@@ -260,8 +262,10 @@ class SharedMetrics:
         )
         for result in ("hit", "miss", "coalesced", "unavailable", "invalid"):
             self.lookups.labels(result=result)
-        for operation in ("ping", "get", "claim", "release", "renew", "budget", "delete"):
+        for operation in (
+            "ping", "get", "claim", "release", "renew", "budget", "delete", "listen",
+        ):  # fmt: skip
             self.errors.labels(operation=operation)
-        for result in ("granted", "waited", "refused", "unavailable"):
+        for result in ("granted", "waited", "refused", "unavailable", "held", "probe"):
             self.budget.labels(result=result)
         self.up.set(1)

@@ -11,7 +11,7 @@ import contextlib
 import functools
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from enum import IntEnum
 from typing import Generic, TypeVar
@@ -29,6 +29,48 @@ _GRACE_S = 0.05
 # in turn with those of every other lane. Set by whoever starts the work (the handler
 # names it after the caller); tasks inherit it when they are created.
 FAIR_LANE: ContextVar[str] = ContextVar("fair_lane", default="")
+
+
+# A timer that runs this much later than due shows a busy loop (an idle one runs it
+# within a fraction of a millisecond).
+_LATE_S = 0.005
+
+
+@contextlib.asynccontextmanager
+async def loop_timeout(seconds: float, slack_s: float) -> AsyncIterator[None]:
+    """`asyncio.timeout(seconds)` that does not count the event loop's own lag.
+
+    On a busy loop a timer runs late, and a reply that has arrived waits for the loop to
+    get to it: a plain timeout then cancels work that was not slow, only queued. Here,
+    when the deadline's timer runs late (the loop was busy), the time it was late is
+    given back, up to `slack_s` in all; when it runs on time, the work gets the turn of
+    the loop it was already woken for (a reply read in this turn goes first), and is
+    then cancelled (TimeoutError). A server that does not answer costs `seconds` on an
+    idle loop, and at most `seconds + slack_s` on a busy one.
+    """
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    limit = start + seconds + slack_s
+    timer = asyncio.timeout(None)
+    handle: asyncio.TimerHandle | None = None
+
+    def due(when: float) -> None:
+        nonlocal handle
+        now = loop.time()
+        late = now - when
+        if late > _LATE_S and now < limit:
+            again = min(now + late, limit)
+            handle = loop.call_at(again, due, again)
+        else:
+            timer.reschedule(now)  # call_soon: after what this turn already woke
+
+    async with timer:
+        handle = loop.call_at(start + seconds, due, start + seconds)
+        try:
+            yield
+        finally:
+            if handle is not None:
+                handle.cancel()
 
 
 class TokenBucket:
@@ -77,6 +119,10 @@ class Refused(Exception):
     def __init__(self, retry_after_s: float) -> None:
         super().__init__(f"no grant within the wait allowed; retry after {retry_after_s:.3f}s")
         self.retry_after_s = retry_after_s
+
+    def again(self) -> Refused:
+        """The same refusal, for another waiter (a subclass keeps what it carries)."""
+        return Refused(self.retry_after_s)
 
 
 class _Waiter(Generic[G]):
@@ -232,7 +278,7 @@ class FairQueue(Generic[G]):
                     wait, grant = await self._book(max(0.0, patience - self._clock()))
                 except Refused as refused:
                     # The next grant comes after even the most patient waiter's bound.
-                    self._fail(functools.partial(Refused, refused.retry_after_s))
+                    self._fail(refused.again)
                     continue
                 if wait > 0:
                     await self._sleep(wait)

@@ -36,12 +36,27 @@ from prometheus_client import Counter
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from . import purges
 from .config import SharedConfig, UpstreamConfig
 from .invoice import InvalidInvoice, check_invoice
 from .metrics import SharedMetrics
-from .redis_connection import warm_up
-from .resilience import FAIR_LANE, CircuitBreaker, CircuitState, FairQueue, Refused
-from .upstream import FailureKind, Fetched, UpstreamFailure, spend_deadline, wait_bound_s
+from .redis_connection import LAG_SLACK_S, close, warm_up
+from .resilience import (
+    FAIR_LANE,
+    CircuitBreaker,
+    CircuitState,
+    FairQueue,
+    Refused,
+    loop_timeout,
+)
+from .upstream import (
+    FailureKind,
+    Fetched,
+    Hold,
+    UpstreamFailure,
+    spend_deadline,
+    wait_bound_s,
+)
 
 log = structlog.get_logger("proxy.shared")
 
@@ -145,9 +160,42 @@ return found
 # The stored time is untrusted: not a number (or not a string), NaN, or later than
 # any booking could reach (ARGV[4]) counts as no budget state. The key always has an
 # expiry: one found without is given one.
-# KEYS: budget. ARGV: interval between requests (us), burst, max wait (us), bound (us).
-# Returns {1, wait_us} (granted after wait_us) or {0, wait_us} (refused).
+# Before the budget, PlanetScale's limits as the fleet knows them: while the hold key
+# lives (a 429 with Retry-After, or a circuit opened, on any replica), nothing goes;
+# after it, the probe key says a probe is due ('due <kind>'): the first request
+# granted is the probe ('<token> <kind>'), and the others wait for its outcome.
+# KEYS: budget, hold, probe. ARGV: interval between requests (us), burst, max wait (us),
+# bound (us), probe token, probe lifetime (ms), longest hold (ms).
+# Returns {1, wait_us} (granted after wait_us), {0, wait_us} (refused), {2, wait_us,
+# kind} (held off: not before wait_us) or {3, wait_us} (granted: this is the probe).
 _BUDGET = """
+local hold = redis.call('PTTL', KEYS[2])
+if hold == -1 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[7])
+  hold = tonumber(ARGV[7])
+end
+if hold > 0 then
+  local kind = redis.pcall('GET', KEYS[2])
+  if type(kind) ~= 'string' then kind = 'rate_limited' end
+  return {2, hold * 1000, kind}
+end
+local probing = false
+local probe = redis.pcall('GET', KEYS[3])
+if type(probe) == 'table' then
+  redis.call('DEL', KEYS[3])
+elseif probe then
+  local left = redis.call('PTTL', KEYS[3])
+  if left == -1 then
+    redis.call('PEXPIRE', KEYS[3], ARGV[6])
+    left = tonumber(ARGV[6])
+  end
+  local state, kind = string.match(probe, '^(%S+) (%S+)$')
+  if state == 'due' then
+    probing = kind
+  else
+    return {2, math.min(left, 1000) * 1000, kind or 'rate_limited'}
+  end
+end
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local max_wait = tonumber(ARGV[3])
@@ -169,8 +217,42 @@ if wait > max_wait then
 end
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX',
            math.ceil((new_tat - now) / 1000) + 1000)
+if probing then
+  redis.call('SET', KEYS[3], ARGV[5] .. ' ' .. probing, 'PX', ARGV[6])
+  return {3, math.ceil(wait)}
+end
 return {1, math.ceil(wait)}
 """
+# The fleet holds off: a hold of `kind` for ARGV[2] ms (never shortened), then a probe
+# is due (for ARGV[3] ms; nobody asking by then: the fleet goes on as usual).
+# KEYS: hold, probe. ARGV: kind, hold (ms), probe due (ms).
+_HOLD = """
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+redis.call('SET', KEYS[2], 'due ' .. ARGV[1], 'PX', ARGV[3])
+return 1
+"""
+# The probe's outcome: PlanetScale answered (the probe key goes: everyone goes on), or
+# the probe failed without a new hold (the next request probes). Only the probe's own.
+# KEYS: probe. ARGV: token, '1' (answered) or '0', probe due (ms).
+_PROBED = """
+local value = redis.pcall('GET', KEYS[1])
+if type(value) ~= 'string' then return 0 end
+local token, kind = string.match(value, '^(%S+) (%S+)$')
+if token ~= ARGV[1] then return 0 end
+if ARGV[2] == '1' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], 'due ' .. kind, 'PX', ARGV[3])
+end
+return 1
+"""
+# The longest the fleet holds off for one 429 or open circuit (a Retry-After beyond is
+# cut to this), and how long after a hold the probe stays due.
+MAX_HOLD_S = 600.0
+PROBE_DUE_S = 60.0
+HOLD_KINDS = {kind.value: kind for kind in (FailureKind.RATE_LIMITED, FailureKind.CIRCUIT_OPEN)}
 
 
 class Unavailable(Exception):
@@ -187,10 +269,17 @@ class Shared(NamedTuple):
 
 
 class Budget(NamedTuple):
-    """The fleet budget's answer: go (after `wait_s`), or not before `wait_s`."""
+    """The fleet budget's answer: go (after `wait_s`), or not before `wait_s`.
+
+    `held`: refused because the fleet holds off (PlanetScale's 429, or a circuit open
+    somewhere), with what a request refused meanwhile fails with. `probe`: granted as
+    the fleet's one probe after a hold; its token, to report the outcome with.
+    """
 
     granted: bool
     wait_s: float
+    held: FailureKind | None = None
+    probe: str | None = None
 
 
 class SharedStore:
@@ -199,8 +288,11 @@ class SharedStore:
     Keys: `{namespace}:v1:inv:{org:id}` holds an answer, `{namespace}:v1:lock:{org:id}`
     the claim on its fetch (the braces make both one Redis Cluster slot), and
     `{namespace}:v1:budget` the fleet's budget (with credential.per_organization, one per
-    organization: `{namespace}:v1:budget:{org}`; each script touches one key, so one
-    Redis Cluster slot). Organization and id never hold `:`.
+    organization: `{namespace}:v1:budget:{org}`). Beside each budget, PlanetScale's
+    limits as the fleet knows them: `{namespace}:v1:hold:{<budget key>}` and
+    `{namespace}:v1:probe:{<budget key>}`, whose hash tag is the whole budget key (which
+    has no braces), so the budget script's three keys are one Redis Cluster slot.
+    Organization and id never hold `:` (nor braces).
 
     Built with the client (`redis_connection.make_client`, which connects nothing yet);
     `lifetime` connects it at start-up and closes it at shutdown.
@@ -223,6 +315,8 @@ class SharedStore:
         self._monotonic = monotonic
         self._prefix = f"{config.namespace}:{FORMAT_VERSION}"
         self._budget_key = f"{self._prefix}:budget"
+        self._probe_ms = round((config.lock_ttl_s + upstream_config.deadline_s) * 1000)
+        self._purges_key = purges.stream_key(config)
         self._lock_ms = max(1, round(config.lock_ttl_s * 1000))
         self._budget_args = (
             round(60_000_000 / upstream_config.fleet_rate_per_minute),
@@ -237,6 +331,8 @@ class SharedStore:
         self._renew = client.register_script(_RENEW)
         self._purge = client.register_script(_PURGE)
         self._budget = client.register_script(_BUDGET)
+        self._hold = client.register_script(_HOLD)
+        self._probed = client.register_script(_PROBED)
         self._invalid = metrics.lookups.labels(result="invalid")
 
     async def lifetime(self, _app: object = None) -> AsyncIterator[None]:
@@ -252,7 +348,7 @@ class SharedStore:
         try:
             yield
         finally:
-            await self._redis.aclose()
+            await close(self._redis)
 
     @property
     def available(self) -> bool:
@@ -274,7 +370,9 @@ class SharedStore:
         if not self._circuit.allow():
             raise Unavailable()
         try:
-            async with asyncio.timeout(self._config.timeout_s):
+            # Timed as Redis answers, not as this loop gets to the answer: a busy
+            # replica is not a Redis outage (up to LAG_SLACK_S more, when busy).
+            async with loop_timeout(self._config.timeout_s, LAG_SLACK_S):
                 result = await command(self._redis)
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(operation, exc, decisive)
@@ -406,6 +504,11 @@ class SharedStore:
         keys = self._keys(organization, invoice_id)
         return bool(await self._run("delete", lambda _: self._purge(keys=keys)))
 
+    async def announce_purge(self, organization: str, invoice_id: str) -> None:
+        """Tell every process of the fleet to drop its local copy (`proxy.purges`)."""
+        key = self._purges_key
+        await self._run("delete", lambda r: purges.announce(r, key, organization, invoice_id))
+
     async def renew(self, organization: str, invoice_id: str, token: str) -> bool:
         """Extend the lock by its lifetime; False when it is no longer this token's."""
         key = self._keys(organization, invoice_id)[1]
@@ -425,17 +528,87 @@ class SharedStore:
         # No replica books further ahead than burst, one interval and its wait; twice
         # that leaves room for replicas configured otherwise during a rollout.
         bound_us = 2 * ((burst + 1) * interval_us + max_wait_us) + 1_000_000
-        args = [interval_us, burst, max_wait_us, bound_us]
-        key = self.budget_key(organization)
-        reply = await self._run("budget", lambda _: self._budget(keys=[key], args=args))
+        token = self.new_token()
+        max_hold_ms = round(MAX_HOLD_S * 1000)
+        args: list[str | int] = [
+            interval_us,
+            burst,
+            max_wait_us,
+            bound_us,
+            token,
+            self._probe_ms,
+            max_hold_ms,
+        ]
+        keys = [
+            self.budget_key(organization),
+            self.hold_key(organization),
+            self.probe_key(organization),
+        ]
+        reply = await self._run("budget", lambda _: self._budget(keys=keys, args=args))
         try:
             granted, wait_us = int(reply[0]), int(reply[1])
-        except (TypeError, ValueError, IndexError):
-            granted, wait_us = -1, -1
-        if granted not in (0, 1) or not 0 <= wait_us <= bound_us:
+            held = (
+                HOLD_KINDS.get(_text(reply[2]), FailureKind.RATE_LIMITED) if granted == 2 else None
+            )
+        except (TypeError, ValueError, IndexError, UnicodeDecodeError):
+            granted, wait_us, held = -1, -1, None
+        bound = max_hold_ms * 1000 if granted == 2 else bound_us
+        if granted not in (0, 1, 2, 3) or not 0 <= wait_us <= bound:
             self._metrics.errors.labels(operation="budget").inc()
             raise Unavailable()
-        return Budget(bool(granted), wait_us / 1_000_000)
+        if granted == 2:
+            return Budget(False, wait_us / 1_000_000, held=held)
+        return Budget(granted > 0, wait_us / 1_000_000, probe=token if granted == 3 else None)
+
+    def hold_key(self, organization: str) -> str:
+        """The hold beside a budget (the fleet's, or `organization`'s): its Cluster slot."""
+        return f"{self._prefix}:hold:{{{self.budget_key(organization)}}}"
+
+    def probe_key(self, organization: str) -> str:
+        """The probe after a hold, beside the same budget (its Cluster slot too)."""
+        return f"{self._prefix}:probe:{{{self.budget_key(organization)}}}"
+
+    async def hold_off(self, kind: FailureKind, seconds: float, organization: str = "") -> None:
+        """The whole fleet holds off for `seconds` (at most MAX_HOLD_S); then one probe.
+
+        Non-empty `organization`: only that organization's requests (per_organization).
+        """
+        hold_ms = max(1, round(min(seconds, MAX_HOLD_S) * 1000))
+        args = [kind.value, hold_ms, hold_ms + round(PROBE_DUE_S * 1000)]
+        keys = [self.hold_key(organization), self.probe_key(organization)]
+        await self._run("budget", lambda _: self._hold(keys=keys, args=args))
+
+    async def probed(self, token: str, *, answered: bool, organization: str = "") -> None:
+        """The probe's outcome: PlanetScale answered (all go on), or the next one probes."""
+        args = [token, "1" if answered else "0", round(PROBE_DUE_S * 1000)]
+        keys = [self.probe_key(organization)]
+        await self._run("budget", lambda _: self._probed(keys=keys, args=args))
+
+
+class Probe(NamedTuple):
+    """This fetch is the fleet's probe after a hold: its token, and whose budget it is."""
+
+    token: str
+    organization: str  # "" for the fleet's one budget
+
+
+class HeldOff(Refused):
+    """The fleet holds off (PlanetScale's limit, or an open circuit): `kind` says which."""
+
+    def __init__(self, retry_after_s: float, kind: FailureKind) -> None:
+        super().__init__(retry_after_s)
+        self.kind = kind
+
+    def again(self) -> HeldOff:
+        return HeldOff(self.retry_after_s, self.kind)
+
+
+def _held(kind: FailureKind, seconds: float) -> UpstreamFailure:
+    if kind == FailureKind.CIRCUIT_OPEN:
+        message = "PlanetScale is failing; the fleet stopped calling it for a moment"
+    else:
+        message = "PlanetScale's rate limit holds for the fleet; retry after the given delay"
+    return UpstreamFailure(kind, message, retry_after=max(0.001, seconds))
 
 
 class InvalidShared(Exception):
@@ -444,6 +617,10 @@ class InvalidShared(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason  # a fixed word for logs and metrics, never the value
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _pack(answer: Shared) -> bytes:
@@ -507,7 +684,7 @@ class Turn:
     def __init__(
         self,
         store: SharedStore,
-        budget: Callable[[str], Awaitable[None]],
+        budget: Callable[[str], Awaitable[Probe | None]],
         organization: str,
         invoice_id: str,
         *,
@@ -524,15 +701,30 @@ class Turn:
         self._shares = shares  # False while Redis is out: nothing to share, nobody waits
 
     async def fetch(self, upstream: Callable[[], Awaitable[Fetched]]) -> Fetched:
-        """Ask PlanetScale within the fleet budget; on failure the lock is dropped at once."""
+        """Ask PlanetScale within the fleet budget; on failure the lock is dropped at once.
+
+        The fleet's probe after a hold reports how it went: answered, everyone goes on.
+        """
+        probe = None
         try:
-            await self._budget(self._organization)
-            return await upstream()
+            probe = await self._budget(self._organization)
+            fetched = await upstream()
         except BaseException:
             if self.token is not None:
                 with contextlib.suppress(Unavailable):  # counted and logged by the store
                     await self._store.unlock(self._organization, self._invoice_id, self.token)
+            if probe is not None:
+                with contextlib.suppress(Unavailable):
+                    await self._store.probed(
+                        probe.token, answered=False, organization=probe.organization
+                    )
             raise
+        if probe is not None:
+            with contextlib.suppress(Unavailable):
+                await self._store.probed(
+                    probe.token, answered=True, organization=probe.organization
+                )
+        return fetched
 
     async def share(self, fetched: Fetched, fresh_until: float, stale_until: float) -> None:
         """Store the answer for the fleet and drop the lock; until then the others wait."""
@@ -544,6 +736,24 @@ class Turn:
             await _twice(
                 store, lambda: store.put(self._organization, self._invoice_id, answer, self.token)
             )
+
+
+class _BudgetView:
+    """One budget as this replica sees it: its waiting fetches, and its hold-off
+    (monotonic; known also while Redis is out)."""
+
+    __slots__ = ("held_kind", "held_until", "organization", "queue")
+
+    def __init__(self, organization: str, queue: FairQueue[tuple[Counter, Probe | None]]) -> None:
+        self.organization = organization  # "" for the fleet's one budget
+        self.queue = queue
+        self.held_until = 0.0
+        self.held_kind = FailureKind.RATE_LIMITED
+
+    def hold_until(self, until: float, kind: FailureKind) -> None:
+        """Hold off until `until` (never shortened)."""
+        if until > self.held_until:
+            self.held_until, self.held_kind = until, kind
 
 
 class SharedLevel:
@@ -598,20 +808,24 @@ class SharedLevel:
         self._waited = budget.labels(result="waited")
         self._refused = budget.labels(result="refused")
         self._budget_unavailable = budget.labels(result="unavailable")
+        self._held = budget.labels(result="held")
+        self._probe = budget.labels(result="probe")
+        self._holds: set[asyncio.Task[None]] = set()
         self._interval_s = 60.0 / upstream_config.fleet_rate_per_minute
         self._burst = upstream_config.fleet_burst
-        self._budget_queues: OrderedDict[str, FairQueue[Counter]] = OrderedDict()
+        self._budgets: OrderedDict[str, _BudgetView] = OrderedDict()
 
-    def _budget_queue(self, organization: str) -> FairQueue[Counter]:
-        """Waiting fetches of this replica for one budget, served in turn; one booking in
-        Redis at a time."""
+    def _budget_view(self, organization: str) -> _BudgetView:
+        """This replica's side of one budget (the fleet's, or with per_organization the
+        organization's): its waiting fetches and its hold, the `max_budgets` most
+        recently used kept."""
         key = organization if self._per_organization else ""
-        queue = self._budget_queues.get(key)
-        if queue is not None:
-            self._budget_queues.move_to_end(key)
-            return queue
+        view = self._budgets.get(key)
+        if view is not None:
+            self._budgets.move_to_end(key)
+            return view
         interval_s, burst = self._interval_s, self._burst
-        queue = FairQueue(
+        queue: FairQueue[tuple[Counter, Probe | None]] = FairQueue(
             lambda max_wait_s: self._book_budget(max_wait_s, key),
             # Optimistic (the burst unspent, no other replica waiting): only a wait that
             # cannot fit is refused before asking Redis, whose booking has the last word.
@@ -620,10 +834,11 @@ class SharedLevel:
             sleep=self._sleep,
             name="fleet-budget",
         )
-        self._budget_queues[key] = queue
-        if len(self._budget_queues) > self._max_budgets:
-            self._budget_queues.popitem(last=False)
-        return queue
+        view = _BudgetView(key, queue)
+        self._budgets[key] = view
+        if len(self._budgets) > self._max_budgets:
+            self._budgets.popitem(last=False)
+        return view
 
     @contextlib.asynccontextmanager
     async def claim(self, organization: str, invoice_id: str) -> AsyncIterator[Turn]:
@@ -728,17 +943,49 @@ class SharedLevel:
                 log.error("shared_lock_renewal_failed", error=type(exc).__name__)
                 return
 
-    async def _take_budget(self, organization: str) -> None:
-        """A request from the fleet's budget, in this fetch's lane's turn.
+    def hold(self, hold: Hold) -> None:
+        """`Upstream`'s `on_hold`: PlanetScale asked for a pause, or the circuit opened.
+
+        This replica holds off at once (also while Redis is out); the fleet through Redis.
+        With per_organization, only `hold.organization`'s requests hold off.
+        """
+        seconds = min(hold.seconds, MAX_HOLD_S)
+        view = self._budget_view(hold.organization)
+        view.hold_until(self._monotonic() + seconds, hold.kind)
+        where = {"organization": view.organization} if view.organization else {}
+        log.warning("fleet_hold_off", kind=hold.kind.value, seconds=round(seconds, 3), **where)
+        task = asyncio.create_task(
+            self._share_hold(hold.kind, seconds, view.organization), name="fleet-hold"
+        )
+        self._holds.add(task)
+        task.add_done_callback(self._holds.discard)
+
+    async def _share_hold(self, kind: FailureKind, seconds: float, organization: str) -> None:
+        store = self._store
+        with contextlib.suppress(Unavailable):  # counted and logged by the store
+            await _twice(store, lambda: store.hold_off(kind, seconds, organization))
+
+    async def _take_budget(self, organization: str) -> Probe | None:
+        """A request from the fleet's budget (or the organization's), in this fetch's
+        lane's turn; the probe when this request is the fleet's probe after a hold.
 
         It waits while the wait fits `fleet_max_wait_s` (the deadline less the attempt's
-        room, by default); beyond that the answer is 429 with when to come back. The time
-        waited is spent from the fetch's deadline.
+        room, by default); beyond that the answer is 429 with when to come back. While
+        the fleet holds off, the answer is at once PlanetScale's limit (429) or the open
+        circuit (503), with when to come back. The time waited is spent from the
+        fetch's deadline.
         """
         start = self._monotonic()
+        view = self._budget_view(organization)
+        if start < view.held_until:
+            self._held.inc()
+            raise _held(view.held_kind, view.held_until - start)
         try:
-            queue = self._budget_queue(organization)
-            counted = await queue.acquire(FAIR_LANE.get(), self._fleet_max_wait_s)
+            counted, probe = await view.queue.acquire(FAIR_LANE.get(), self._fleet_max_wait_s)
+        except HeldOff as held:
+            self._held.inc()
+            view.hold_until(self._monotonic() + held.retry_after_s, held.kind)
+            raise _held(held.kind, held.retry_after_s) from None
         except Refused as refused:
             self._refused.inc()
             raise UpstreamFailure(
@@ -748,30 +995,47 @@ class SharedLevel:
             ) from None
         counted.inc()
         spend_deadline(self._monotonic() - start)
+        return probe
 
-    async def _book_budget(self, max_wait_s: float, organization: str) -> tuple[float, Counter]:
-        """The fleet's next request: (wait, the counter of how it went), or `Refused`."""
+    async def _book_budget(
+        self, max_wait_s: float, organization: str
+    ) -> tuple[float, tuple[Counter, Probe | None]]:
+        """The fleet's next request: (wait, (the counter of how it went, the probe)), or
+        `Refused` (`HeldOff` while the fleet, or `organization`, holds off)."""
         store = self._store
         try:
             budget = await _twice(store, lambda: store.take_budget(max_wait_s, organization))
         except Unavailable:
-            return 0.0, self._budget_unavailable  # an outage: the local rate cap still holds
+            # An outage: the local rate cap and this replica's own hold still hold.
+            return 0.0, (self._budget_unavailable, None)
         except Exception as exc:
             # An answer the store did not expect is not a reason to refuse every miss:
             # as in an outage, the local cap still holds.
             log.warning("fleet_budget_failed", error=type(exc).__name__)
-            return 0.0, self._budget_unavailable
+            return 0.0, (self._budget_unavailable, None)
+        if budget.held is not None:
+            raise HeldOff(budget.wait_s, budget.held)
         if not budget.granted:
             raise Refused(budget.wait_s)
-        return budget.wait_s, self._waited if budget.wait_s > 0 else self._granted
+        if budget.probe is not None:
+            log.info("fleet_probe")
+            return budget.wait_s, (self._probe, Probe(budget.probe, organization))
+        return budget.wait_s, (self._waited if budget.wait_s > 0 else self._granted, None)
 
     async def purge(self, organization: str, invoice_id: str) -> bool | None:
-        """Drop the shared copy: True when there was one, False when not, None when Redis
-        did not answer (the fleet's copy may still be there)."""
+        """Drop the shared copy and tell every process to drop its own: True when Redis
+        had a copy, False when not, None when Redis did not answer (the fleet's copies
+        may still be there).
+
+        The other processes are told even when Redis had none: a copy kept locally
+        past its Redis lifetime (within its stale window) goes too.
+        """
         try:
-            return await self._store.delete(organization, invoice_id)
+            found = await self._store.delete(organization, invoice_id)
+            await self._store.announce_purge(organization, invoice_id)
         except Unavailable:
             return None
+        return found
 
     @property
     def retry_interval_s(self) -> float:

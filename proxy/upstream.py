@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 from urllib.parse import quote, unquote
 
 import aiohttp
@@ -135,6 +136,20 @@ class UpstreamFailure(Exception):
         )
 
 
+class Hold(NamedTuple):
+    """A fact for the fleet: PlanetScale asked for a pause (its 429 with Retry-After), or
+    this client's circuit opened; no request should go for `seconds`. `kind` is what a
+    request refused meanwhile fails with."""
+
+    kind: FailureKind  # RATE_LIMITED or CIRCUIT_OPEN
+    seconds: float
+    # Whose limit: the organization with credential.per_organization, else "" (everyone).
+    organization: str = ""
+
+
+OnHold = Callable[[Hold], object]
+
+
 def _timeout(*, counts: bool, retry: bool = False) -> UpstreamFailure:
     return UpstreamFailure(
         FailureKind.TIMEOUT, "PlanetScale did not answer in time", counts=counts, retry=retry
@@ -201,6 +216,7 @@ class _Fetch:
     store: CredentialStore  # where this organization's token is read
     lane: _Lane
     where: dict[str, str]  # for log lines: the organization, with per_organization
+    hold: str  # whose `Hold` a 429 is: the organization with per_organization, else ""
     refused: list[Credential] = field(default_factory=list)  # refused so far, in order
     failed: UpstreamFailure | None = None  # what made the current attempt a retry
 
@@ -401,6 +417,7 @@ async def open_upstream(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     max_lanes: int = 1,
+    on_hold: OnHold | None = None,
 ) -> AsyncIterator[Upstream]:
     """The client and its session, for as long as the block (a cleanup context) lasts."""
     middleware = CredentialMiddleware(metrics, clock=clock)
@@ -418,7 +435,14 @@ async def open_upstream(
         # reset. There is no public switch; aiohttp's own TestClient does the same.
         session._retry_connection = False
         yield Upstream(
-            config, session, credentials, metrics, clock=clock, sleep=sleep, max_lanes=max_lanes
+            config,
+            session,
+            credentials,
+            metrics,
+            clock=clock,
+            sleep=sleep,
+            max_lanes=max_lanes,
+            on_hold=on_hold,
         )
 
 
@@ -428,6 +452,11 @@ class Upstream:
     With `credentials.per_organization`, each organization has its own lane (rate cap,
     circuit breaker): the `max_lanes` most recently used ones are kept. The concurrency
     slots and the connection pool are the process's, shared by all.
+
+    `on_hold` (the fleet level, with `[shared]`) hears each `Hold`: a 429 with
+    Retry-After, or the circuit opening; with per_organization, for that organization
+    only. With it, such a 429 is not retried here after the pause: the fleet holds off
+    as one, and one probe after the pause goes first.
     """
 
     def __init__(
@@ -440,7 +469,9 @@ class Upstream:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         max_lanes: int = 1,
+        on_hold: OnHold | None = None,
     ) -> None:
+        self._on_hold = on_hold
         self._config = config
         self._metrics = metrics
         self._clock = clock
@@ -521,7 +552,8 @@ class Upstream:
         if spent:
             _SPENT.set(0.0)
         where = {"organization": organization} if self._credentials.per_organization else {}
-        fetch = _Fetch(self._clock() + config.deadline_s - spent, store, lane, where)
+        hold = organization if self._credentials.per_organization else ""
+        fetch = _Fetch(self._clock() + config.deadline_s - spent, store, lane, where, hold)
         url = self.url(organization, invoice_id)
         attempt = 0
         while True:
@@ -544,7 +576,10 @@ class Upstream:
                 if failure.retry_after is not None:
                     # Honoured, never shortened: a pause longer than backoff_max_s is
                     # the caller's to take, with PlanetScale's Retry-After passed on.
-                    if failure.retry_after > config.backoff_max_s:
+                    # With a fleet, the pause is the fleet's (`on_hold` heard it).
+                    if failure.retry_after > config.backoff_max_s or (
+                        self._on_hold is not None and failure.kind == FailureKind.RATE_LIMITED
+                    ):
                         raise
                     delay = max(delay, failure.retry_after)
                 if self._clock() + delay >= fetch.deadline:
@@ -601,7 +636,7 @@ class Upstream:
                     ) as response,
                 ):
                     attempt.code = str(response.status)
-                    return await self._answer(response)
+                    return await self._answer(response, fetch.hold)
             except TimeoutError:
                 attempt.code = "timeout"
                 raise _timeout(counts=True, retry=True) from None
@@ -640,7 +675,7 @@ class Upstream:
         finally:
             self._slots.release()
 
-    async def _answer(self, response: aiohttp.ClientResponse) -> Fetched:
+    async def _answer(self, response: aiohttp.ClientResponse, hold: str) -> Fetched:
         status = response.status
         if status == 200:
             body = await self._read_body(response)
@@ -649,10 +684,13 @@ class Upstream:
             return Fetched(404, b"", None)
         if status == 429:
             # PlanetScale protecting itself, not failing: it does not open the circuit.
+            retry_after = _retry_after(response.headers.get("Retry-After"))
+            if retry_after is not None and self._on_hold is not None:
+                self._on_hold(Hold(FailureKind.RATE_LIMITED, retry_after, hold))
             raise UpstreamFailure(
                 FailureKind.RATE_LIMITED,
                 "PlanetScale's rate limit holds; retry later",
-                retry_after=_retry_after(response.headers.get("Retry-After")),
+                retry_after=retry_after,
                 retry=True,
             )
         if status in _RETRY_STATUSES:
@@ -708,6 +746,9 @@ class Upstream:
         if state is not None:
             where = {"organization": organization} if organization else {}
             log.warning("upstream_circuit_changed", state=state.name.lower(), **where)
+        if state == CircuitState.OPEN and self._on_hold is not None:
+            hold = Hold(FailureKind.CIRCUIT_OPEN, self._config.circuit_open_s, organization)
+            self._on_hold(hold)
 
 
 def _requested_id(response: aiohttp.ClientResponse) -> str:

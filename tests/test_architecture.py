@@ -39,6 +39,10 @@ FORBIDDEN: dict[str, tuple[set[str], str]] = {
         {"cache", "handlers", "middleware", "admin", "errors"},
         "the shared level is under the cache",
     ),
+    "purges": (
+        {"cache", "handlers", "middleware", "admin", "errors", "upstream"},
+        "the purge stream reaches the cache only through the callables it is given",
+    ),
 }
 # Third-party modules with a leading underscore, or aiohttp's internals, that have no
 # public equivalent: allowed in one place each, which says why in a comment.

@@ -345,7 +345,10 @@ def test_network_policy_lets_in_callers_and_scraper_and_out_dns_vault_https(
     )
     egress = sorted((p["port"], p["protocol"]) for rule in policy["egress"] for p in rule["ports"])
     config = rendered_config(objects)
-    redis = [(6379, "TCP")] if "shared" in config else []
+    shared = config.get("shared", {})
+    redis = [(6379, "TCP")] if shared else []
+    if shared.get("sentinels"):
+        redis.append((26379, "TCP"))  # the sentinels, which name the primary
     api_server = [(6443, "TCP")] if "issuers" in config else []  # the cluster issuer's JWKS
     assert egress == sorted(
         [(53, "TCP"), (53, "UDP"), (443, "TCP"), (8200, "TCP"), *redis, *api_server]

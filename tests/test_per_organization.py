@@ -486,6 +486,59 @@ async def test_the_fleet_budget_is_kept_per_organization(
     assert keys == {f"orgs:v1:budget:{acme}", f"orgs:v1:budget:{globex}"}
 
 
+async def test_a_429_for_one_organization_holds_its_misses_on_every_replica_not_the_others(
+    bao: OpenBao,
+    upstream: Upstream,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    inspect: redis.asyncio.Redis,
+) -> None:
+    """PlanetScale's 429 with Retry-After for acme, seen by one replica of three: acme's
+    misses are held off on all three (answered at once, PlanetScale not asked), while
+    globex's misses are served on all three; after the hold, acme is served again."""
+    acme, globex = organization("acme"), organization("globex")
+    seed(bao, upstream, acme, globex)
+    upstream.standin.behave(
+        "inv_limit", Behaviour(mode="status", status=429, retry_after="2", times=1)
+    )
+    config = per_organization_config(
+        bao,
+        upstream,
+        tmp_path,
+        {"billing": [acme, globex]},
+        shared={"redis_url": redis_server.url, "namespace": "orgs"},
+    )
+    async with AsyncExitStack() as stack:
+        replicas = [await stack.enter_async_context(serve(config)) for _ in range(3)]
+        async with replicas[0].api.get(invoice_path(acme, "inv_limit"), headers=BILLING) as first:
+            await assert_error(first, 429, "rate_limited")
+            assert first.headers["Retry-After"] == "2"
+        seen_at = time.monotonic()
+        await asyncio.sleep(0.05)  # the hold reaches Redis (in the background of that miss)
+        hold = f"orgs:v1:hold:{{orgs:v1:budget:{acme}}}"
+        assert await inspect.exists(hold) == 1, "the hold sits beside acme's budget key"
+        holds = {k.decode() async for k in inspect.scan_iter("orgs:v1:hold:*")}
+        assert holds == {hold}, "no hold for globex, nor for the whole fleet"
+        for n, replica in enumerate(replicas * 3):
+            start = time.monotonic()
+            path = invoice_path(acme, f"inv_held_{n}")
+            async with replica.api.get(path, headers=BILLING) as response:
+                await assert_error(response, 429, "rate_limited")
+                assert 1 <= int(response.headers["Retry-After"]) <= 2
+            assert time.monotonic() - start < 0.2, "answered at once"
+            assert await status(replica, globex, f"inv_served_{n}", BILLING) == 200
+        assert time.monotonic() - seen_at < 1.9, "all of that within the hold"
+        assert upstream.standin.stats.by_organization[acme] == 1, "acme's PlanetScale rested"
+        assert upstream.standin.stats.by_organization[globex] == 9
+        pages = [await scrape(replica) for replica in replicas]
+        assert all(
+            metric(page, "invoice_proxy_fleet_budget_total", result="held") == 3 for page in pages
+        )
+        await asyncio.sleep(max(0.0, seen_at + 2.1 - time.monotonic()))
+        assert await status(replicas[1], acme, "inv_after", BILLING) == 200, "the probe"
+    assert upstream.standin.stats.by_organization[acme] == 2
+
+
 # -- ["*"]: on demand, within its bound ---------------------------------------------------------
 
 
