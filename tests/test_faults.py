@@ -281,12 +281,16 @@ async def test_flapping_beyond_the_retries_is_502_then_recovers(
 async def test_closed_upstream_port_is_502_fast(
     make_proxy: ProxyFactory, upstream: Upstream
 ) -> None:
+    # Bound but not listening, and held for the whole test: connections are refused, and
+    # no server started meanwhile (the proxy's own test listeners) can take the port.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
-    proxy = await make_proxy(upstream={"base_url": f"http://127.0.0.1:{closed}/v1", "retries": 2})
-    watch = Watch(proxy, upstream)
-    timed = await timed_get(proxy, "inv_1", headers=REPORTING)
+        proxy = await make_proxy(
+            upstream={"base_url": f"http://127.0.0.1:{closed}/v1", "retries": 2}
+        )
+        watch = Watch(proxy, upstream)
+        timed = await timed_get(proxy, "inv_1", headers=REPORTING)
     await assert_error(timed.response, 502, "upstream_error")
     assert timed.elapsed < 0.5
     assert upstream_counts(proxy) == {"error": 3.0}
