@@ -12,15 +12,53 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .processes import ServerProcess, free_port
 
 START_TIMEOUT_S = 10.0
 INSTALL = "apt-get install -y --no-install-recommends redis-server (make test does it)"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A server certificate for 127.0.0.1, its key and the CA that signed it (PEM files)."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+
+    def server_arguments(self, port: int) -> list[str]:
+        """TLS only (`port 0`), no client certificates asked for, TLS to the primary too."""
+        return [
+            "--port", "0",
+            "--tls-port", str(port),
+            "--tls-cert-file", str(self.cert_file),
+            "--tls-key-file", str(self.key_file),
+            "--tls-ca-cert-file", str(self.ca_file),
+            "--tls-auth-clients", "no",
+            "--tls-replication", "yes",
+        ]  # fmt: skip
+
+    def connect(self, port: int) -> socket.socket:
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        raw = socket.create_connection(("127.0.0.1", port), timeout=2.0)
+        try:
+            return context.wrap_socket(raw, server_hostname="127.0.0.1")
+        except BaseException:
+            raw.close()
+            raise
+
+
+def _connect(port: int, tls: TlsFiles | None) -> socket.socket:
+    if tls is not None:
+        return tls.connect(port)
+    return socket.create_connection(("127.0.0.1", port), timeout=2.0)
 
 
 def redis_server_binary() -> str:
@@ -33,18 +71,28 @@ def redis_server_binary() -> str:
 class RedisServer(ServerProcess):
     """One `redis-server` process; `url` stays the same across stop() and start()."""
 
-    def __init__(self, workdir: Path, *, password: str = "", extra: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        password: str = "",
+        extra: tuple[str, ...] = (),
+        tls: TlsFiles | None = None,
+    ) -> None:
         super().__init__()
         self.workdir = workdir
         self.port = free_port()
         self.password = password
         self.extra = extra  # more redis-server arguments (replicaof, cluster-enabled...)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.tls = tls  # TLS only on `port` when set
+        scheme = "rediss" if tls else "redis"
+        self.url = f"{scheme}://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
+        port = self.tls.server_arguments(self.port) if self.tls else ["--port", str(self.port)]
         args = [
             redis_server_binary(),
-            "--port", str(self.port),
+            *port,
             "--bind", "127.0.0.1",
             "--save", "",
             "--appendonly", "no",
@@ -80,7 +128,7 @@ class RedisServer(ServerProcess):
         Returns the raw first reply line and what follows in the first read; enough
         for PING, FLUSHALL, CONFIG SET and the counters of INFO.
         """
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2.0) as s:
+        with _connect(self.port, self.tls) as s:
             if self.password:
                 s.sendall(_resp("AUTH", self.password))
                 s.recv(1024)
@@ -136,9 +184,16 @@ class SentinelServer(ServerProcess):
         self.port = free_port()
         self.password = password
         self.service = service
+        self.tls = primary.tls  # the sentinels speak TLS when the data nodes do
         self.address = f"127.0.0.1:{self.port}"
+        if self.tls:
+            arguments = self.tls.server_arguments(self.port)
+            pairs = zip(arguments[0::2], arguments[1::2], strict=True)
+            listen = [f"{name.removeprefix('--')} {value}" for name, value in pairs]
+        else:
+            listen = [f"port {self.port}"]
         lines = [
-            f"port {self.port}",
+            *listen,
             "bind 127.0.0.1",
             f'dir "{workdir}"',
             f"sentinel monitor {service} 127.0.0.1 {primary.port} 2",
@@ -162,7 +217,7 @@ class SentinelServer(ServerProcess):
         return self
 
     def command(self, *args: str) -> bytes:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2.0) as s:
+        with _connect(self.port, self.tls) as s:
             if self.password:
                 s.sendall(_resp("AUTH", self.password))
                 s.recv(1024)
@@ -177,9 +232,16 @@ class SentinelServer(ServerProcess):
 class SentinelSet:
     """A primary, a replica and three sentinels on 127.0.0.1: what a small HA Redis is."""
 
-    def __init__(self, workdir: Path, *, password: str = "", sentinel_password: str = "") -> None:
-        self.primary = RedisServer(workdir / "primary", password=password)
-        self.replica = RedisServer(workdir / "replica", password=password)
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        password: str = "",
+        sentinel_password: str = "",
+        tls: TlsFiles | None = None,
+    ) -> None:
+        self.primary = RedisServer(workdir / "primary", password=password, tls=tls)
+        self.replica = RedisServer(workdir / "replica", password=password, tls=tls)
         self.password = password
         self.sentinel_password = sentinel_password
         self.workdir = workdir

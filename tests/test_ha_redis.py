@@ -16,8 +16,9 @@ from proxy.config import SharedConfig, parse_section
 from proxy.standin import Behaviour
 
 from . import manifests
+from .certificates import issue, make_ca
 from .helpers import ADMIN, Proxy, ProxyFactory, Upstream, get, metric, wait_until
-from .redis_server import ClusterSet, SentinelSet
+from .redis_server import ClusterSet, SentinelSet, TlsFiles
 
 REDIS_PASSWORD = "redis-PASSWORD-0123456789abcdefghijklmnopqrstuv"
 SENTINEL_PASSWORD = "sentinel-PASSWORD-0123456789abcdefghijklmnopq"
@@ -215,6 +216,39 @@ async def test_sentinel_password_is_required_and_comes_from_its_file(
     assert (await get(other, "inv_2")).status == 200
     assert metric(other, "invoice_proxy_shared_store_up") == 1
     assert shared_lookups([other], "miss") == 1
+
+
+async def test_sentinel_fleet_over_tls_coalesces_with_the_ca_file(
+    make_proxy: ProxyFactory, upstream: Upstream, tmp_path: Path
+) -> None:
+    """rediss:// with sentinels: TLS to the sentinels and to the primary they name,
+    verified against `ca_file`; the passwords as without TLS."""
+    ca = make_ca("redis-ca")
+    cert, key, _ = issue(ca, "redis")
+    tls = TlsFiles(tmp_path / "redis.crt", tmp_path / "redis.key", tmp_path / "ca.pem")
+    tls.cert_file.write_bytes(cert)
+    tls.key_file.write_bytes(key)
+    tls.ca_file.write_bytes(ca.pem())
+    servers = SentinelSet(
+        tmp_path / "ha-tls", password=REDIS_PASSWORD, sentinel_password=SENTINEL_PASSWORD, tls=tls
+    )
+    try:
+        servers.start()
+        config = sentinel_sections(servers, tmp_path)
+        config["shared"] |= {"redis_url": "rediss://mymaster/0", "ca_file": str(tls.ca_file)}
+        proxies = [await make_proxy(**config) for _ in range(2)]
+        upstream.standin.behave("*", Behaviour("slow", delay_s=0.2))  # the two overlap
+        responses = await asyncio.gather(*(get(p, "inv_tls") for p in proxies))
+        assert [r.status for r in responses] == [200, 200]
+        assert upstream.standin.requests_for("inv_tls") == 1
+        assert upstream.standin.stats.requests == 1
+        assert [metric(p, "invoice_proxy_shared_store_up") for p in proxies] == [1, 1]
+        assert shared_lookups(proxies, "miss") == 1
+        assert shared_lookups(proxies, "coalesced") + shared_lookups(proxies, "hit") == 1
+        assert shared_lookups(proxies, "unavailable") == 0
+        assert servers.primary.dbsize() >= 1, "the answer is on the primary, over TLS"
+    finally:
+        servers.stop()
 
 
 # --- Cluster -------------------------------------------------------------------------------
