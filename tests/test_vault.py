@@ -839,6 +839,22 @@ _GOOD_LOGIN = {"auth": {"client_token": "s.hostileVaultToken0123456789", "lease_
 _GOOD_SECRET = {"data": {"data": planetscale_token(), "metadata": {"version": 3}}}
 
 
+def hostile_vault_config(port: int, tmp_path: Path) -> tuple[VaultConfig, Path]:
+    """An AppRole source for the hostile Vault on `port`, and its secret_id file."""
+    secret_id = tmp_path / "secret-id"
+    secret_id.write_text(secrets.token_hex(16))
+    config = VaultConfig(
+        address=f"http://127.0.0.1:{port}",
+        mount="secret",
+        path="planetscale",
+        auth="approle",
+        role_id="role",
+        secret_id_file=str(secret_id),
+        timeout_s=2.0,
+    )
+    return config, secret_id
+
+
 class HostileVault:
     """A stand-in Vault whose login and KV answers are whatever the test sets."""
 
@@ -913,17 +929,7 @@ async def test_a_hostile_vault_answer_is_a_credential_error_with_a_safe_reason(
     vault.login = login or vault.login
     vault.secret = secret or vault.secret
     server = await aiohttp_server(vault.app())
-    secret_id = tmp_path / "secret-id"
-    secret_id.write_text(secrets.token_hex(16))
-    config = VaultConfig(
-        address=f"http://127.0.0.1:{server.port}",
-        mount="secret",
-        path="planetscale",
-        auth="approle",
-        role_id="role",
-        secret_id_file=str(secret_id),
-        timeout_s=2.0,
-    )
+    config, secret_id = hostile_vault_config(server.port, tmp_path)
     metrics = Metrics()
     store = CredentialStore(VaultSource(config), metrics)
     async with running(store):
@@ -943,17 +949,7 @@ async def test_a_flood_of_vault_errors_gives_a_bounded_reason(
     vault.secret = json.dumps({"errors": ["permission denied " * 20] * 2_000}).encode()
     vault.secret_status = 403
     server = await aiohttp_server(vault.app())
-    secret_id = tmp_path / "secret-id"
-    secret_id.write_text(secrets.token_hex(16))
-    config = VaultConfig(
-        address=f"http://127.0.0.1:{server.port}",
-        mount="secret",
-        path="planetscale",
-        auth="approle",
-        role_id="role",
-        secret_id_file=str(secret_id),
-        timeout_s=2.0,
-    )
+    config, _ = hostile_vault_config(server.port, tmp_path)
     source = VaultSource(config)
     try:
         with pytest.raises(CredentialError, match="HTTP 403") as caught:
