@@ -218,6 +218,14 @@ async def test_sentinel_password_is_required_and_comes_from_its_file(
     assert shared_lookups([other], "miss") == 1
 
 
+# redis-py can drop a TLS connection it was opening when the application shuts down
+# mid-connect (the purge listener's read, cancelled at cleanup): the connection object is
+# collected unclosed and warns. Seen once in about six runs, at shutdown only; only that
+# warning is let through here, and only in this test.
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <function AbstractConnection.__del__"
+    ":pytest.PytestUnraisableExceptionWarning"
+)
 async def test_sentinel_fleet_over_tls_coalesces_with_the_ca_file(
     make_proxy: ProxyFactory, upstream: Upstream, tmp_path: Path
 ) -> None:
