@@ -250,6 +250,9 @@ class ServerConfig:
     workers: int = key(
         1, lo=1, hi=64, doc="processes sharing `port` (SO_REUSEPORT); worker i: admin_port + i"
     )
+    fast_lane: bool = key(
+        True, doc="cache hits answered on the connection itself; false: all through aiohttp"
+    )
     tls: TlsConfig | None = None  # [server.tls]: HTTPS; None: plain HTTP
 
 
