@@ -57,8 +57,11 @@ class Caller:
             else None
         )
 
+    def may_read(self, organization: str) -> bool:
+        return self.all_organizations or organization in self.organizations
+
     def authorize(self, organization: str) -> None:
-        if not (self.all_organizations or organization in self.organizations):
+        if not self.may_read(organization):
             raise errors.forbidden(organization)
 
     def take_rate_token(self) -> None:
@@ -126,33 +129,43 @@ class Authenticator:
     def names(self) -> list[str]:
         return self._names
 
-    async def authenticate(
+    def known(
         self, authorization: str | None, peercert: dict[str, Any] | None = None
-    ) -> tuple[Caller, str]:
-        """The caller, and how it authenticated (`KEY`, `JWT`, `CERTIFICATE`); else 401."""
+    ) -> tuple[Caller, str] | None:
+        """The caller named without verifying anything new (a key, a JWT remembered
+        until its `exp`, a certificate URI), and how; None: not known this way."""
         if authorization is None:
             for uri in certificate_uris(peercert):
                 caller = self._by_uri.get(uri)
                 if caller is not None:
                     return caller, CERTIFICATE
-            raise errors.unauthorized()
-        if authorization[:7].lower() != "bearer ":
-            raise errors.unauthorized()
-        key = authorization[7:].strip()
+            return None
+        key = _bearer(authorization)
         if not key:
-            raise errors.unauthorized()
+            return None
         digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
         found = self._by_digest.get(digest)
         if found is not None and hmac.compare_digest(found[0], digest):
             return found[1], KEY
-        if self._tokens is None:
-            raise errors.unauthorized()
         remembered = self._remembered.get(digest)
         if remembered is not None:
             if remembered[0] > self._clock():
                 self._remembered.move_to_end(digest)
                 return remembered[1], JWT
             del self._remembered[digest]
+        return None
+
+    async def authenticate(
+        self, authorization: str | None, peercert: dict[str, Any] | None = None
+    ) -> tuple[Caller, str]:
+        """The caller, and how it authenticated (`KEY`, `JWT`, `CERTIFICATE`); else 401."""
+        known = self.known(authorization, peercert)
+        if known is not None:
+            return known
+        key = _bearer(authorization) if authorization is not None else ""
+        if not key or self._tokens is None:
+            raise errors.unauthorized()
+        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
         return await self._verify(key, digest), JWT
 
     async def _verify(self, token: str, digest: bytes) -> Caller:
@@ -175,6 +188,13 @@ class Authenticator:
     def _refused(self, reason: str) -> None:
         if self._metrics is not None:
             self._metrics.jwt_refusals.labels(reason=reason).inc()
+
+
+def _bearer(authorization: str) -> str:
+    """The credential of `Bearer <credential>`; "" for any other scheme or none."""
+    if authorization[:7].lower() != "bearer ":
+        return ""
+    return authorization[7:].strip()
 
 
 def new_caller_key() -> tuple[str, str]:

@@ -4,6 +4,7 @@ and turned into SPEC's body by the middleware (`middleware.observe`).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,16 +34,15 @@ def authorization(request: web.Request) -> str | None:
     return values[0] if values else None
 
 
-def _peercert(request: web.Request) -> dict[str, Any] | None:
+def peercert(transport: asyncio.BaseTransport | None) -> dict[str, Any] | None:
     """The client certificate of a TLS connection, if one verified (else None)."""
-    transport = request.transport
     if transport is None:
         return None
     ssl_object = transport.get_extra_info("ssl_object")
     if ssl_object is None:
         return None
-    peercert = ssl_object.getpeercert()
-    return peercert if isinstance(peercert, dict) and peercert else None
+    certificate = ssl_object.getpeercert()
+    return certificate if isinstance(certificate, dict) and certificate else None
 
 
 def invoice_key(request: web.Request) -> tuple[str, str]:
@@ -77,8 +77,8 @@ class InvoiceHandler:
     async def get(self, request: web.Request) -> web.Response:
         header = authorization(request)
         # The certificate is read only when no header names the caller.
-        peercert = None if header is not None else _peercert(request)
-        caller, how = await self._callers.authenticate(header, peercert)
+        certificate = None if header is not None else peercert(request.transport)
+        caller, how = await self._callers.authenticate(header, certificate)
         request[CALLER] = caller.name
         request[AUTH] = how
         organization, invoice_id = invoice_key(request)
@@ -108,12 +108,12 @@ class InvoiceHandler:
             "X-Cache": x_cache,
         }
         if_none_match = request.headers.get(hdrs.IF_NONE_MATCH)
-        if if_none_match is not None and _etag_matches(if_none_match, entry.etag):
+        if if_none_match is not None and etag_matches(if_none_match, entry.etag):
             return web.Response(status=304, headers=headers)
         return web.Response(body=entry.body, content_type="application/json", headers=headers)
 
 
-def _etag_matches(header: str, etag: str) -> bool:
+def etag_matches(header: str, etag: str) -> bool:
     if header.strip() == "*":
         return True
     # Weak comparison, as RFC 9110 asks for If-None-Match.

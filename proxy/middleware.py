@@ -54,6 +54,40 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):016x}"
 
 
+def request_id_for(header: str | None) -> str:
+    """The caller's `X-Request-ID` when it is a valid id, else a new one."""
+    if header is None or not _REQUEST_ID.fullmatch(header):
+        return new_request_id()
+    return header
+
+
+def log_request(
+    *,
+    request_id: str,
+    method: str,
+    caller: str,
+    auth: str | None,
+    organization: str | None,
+    invoice_id: str | None,
+    status: int,
+    cache: str,
+    seconds: float,
+) -> None:
+    """The one log line of an answered request (aiohttp's, or the fast lane's: `proxy.lane`)."""
+    log.info(
+        "request",
+        request_id=request_id,
+        method=method,
+        caller=caller,
+        auth=auth,
+        organization=organization,
+        invoice_id=invoice_id,
+        status=status,
+        cache=cache,
+        duration_ms=round(seconds * 1000, 3),
+    )
+
+
 def request_id_logged(request: web.Request) -> AbstractContextManager[None]:
     """Bind the request's id to the log context while the block runs.
 
@@ -70,10 +104,7 @@ def observe(metrics: Metrics | None) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         start = time.perf_counter()
-        request_id = request.headers.get("X-Request-ID", "")
-        if not _REQUEST_ID.fullmatch(request_id):
-            request_id = new_request_id()
-        request[REQUEST_ID] = request_id  # bound to the log context by `request_id_logged`
+        request[REQUEST_ID] = request_id = request_id_for(request.headers.get("X-Request-ID"))
         try:
             response = await handler(request)
         except UpstreamFailure as failure:
@@ -97,8 +128,7 @@ def observe(metrics: Metrics | None) -> Middleware:
             metrics.request_done(caller, status, cache, duration)
         elif status < 400 and request.method == "GET":
             return response  # probes and scrapes of the admin listener: not logged
-        log.info(
-            "request",
+        log_request(
             request_id=request_id,
             method=request.method,
             caller=caller,
@@ -107,7 +137,7 @@ def observe(metrics: Metrics | None) -> Middleware:
             invoice_id=request.get(INVOICE_ID),
             status=status,
             cache=cache,
-            duration_ms=round(duration * 1000, 3),
+            seconds=duration,
         )
         return response
 
