@@ -69,7 +69,9 @@ class Fleet(Protocol):
 class Entry:
     """One cached answer: a 200 body or a 404, with its validators and lifetimes."""
 
-    __slots__ = ("body", "cache_control", "etag", "fresh_until", "size", "stale_until", "status")
+    __slots__ = (
+        "body", "cache_control", "etag", "fresh_until", "prepared", "size", "stale_until", "status",
+    )  # fmt: skip
 
     def __init__(
         self, status: int, body: bytes, fresh_until: float, stale_until: float, key: Key
@@ -83,6 +85,8 @@ class Entry:
         # Final entries share one header string; open ones compute theirs per answer.
         self.cache_control = FINAL_CACHE_CONTROL if fresh_until == math.inf else ""
         self.size = len(body) + len(key[0]) + len(key[1]) + ENTRY_OVERHEAD
+        # What the listener prepared to answer from this entry (`proxy.lane`), opaque here.
+        self.prepared: object = None
 
     def cache_control_at(self, now: float) -> str:
         if self.cache_control:
@@ -117,8 +121,12 @@ class InvoiceCache:
         *,
         clock: Callable[[], float] = time.time,
         fleet: Fleet | None = None,
+        prepare: Callable[[Entry], int] | None = None,
     ) -> None:
         self._config = config
+        # Called with each 200 entry before it is stored; fills `entry.prepared` and
+        # returns the bytes that costs, which count against max_bytes.
+        self._prepare = prepare
         self._metrics = metrics
         self._clock = clock
         self._fleet = fleet  # None: [shared] is off, a miss goes straight to `fetch`
@@ -141,11 +149,21 @@ class InvoiceCache:
 
     def fresh(self, key: Key) -> Entry | None:
         """The hot path: a fresh entry, or None. Counts the hit."""
+        entry = self.peek(key)
+        if entry is not None:
+            self._hit.inc()
+        return entry
+
+    def peek(self, key: Key) -> Entry | None:
+        """A fresh entry, or None, without counting a hit: the caller counts it
+        (`count_hit`) once it answers from the entry."""
         entry = self._store.get(key)
         if entry is not None and entry.fresh_until > self._clock():
-            self._hit.inc()
             return entry
         return None
+
+    def count_hit(self) -> None:
+        self._hit.inc()
 
     async def load(self, organization: str, invoice_id: str, fetch: Fetcher) -> tuple[Entry, str]:
         """After `fresh` missed: join or start the one fetch for this key.
@@ -226,6 +244,8 @@ class InvoiceCache:
             task.exception()
 
     def _put(self, key: Key, entry: Entry) -> None:
+        if self._prepare is not None and entry.status == 200:
+            entry.size += self._prepare(entry)
         try:
             self._store[key] = entry
         except ValueError:
