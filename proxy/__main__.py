@@ -17,7 +17,17 @@ from aiohttp import web
 
 from . import __version__
 from . import logging as proxy_logging
-from .app import ADMIN_APP, ADMINS, CALLERS, CREDENTIAL_SET, METRICS, TLS, admin_callers, init_app
+from .app import (
+    ADMIN_APP,
+    ADMINS,
+    CALLERS,
+    CREDENTIAL_SET,
+    LANE,
+    METRICS,
+    TLS,
+    admin_callers,
+    init_app,
+)
 from .auth import key_digest, new_caller_key
 from .config import Config, ConfigError, ConfigFileError, load_config, parse_config
 from .credential import CredentialSource, EnvSource
@@ -37,7 +47,7 @@ async def serve(
     """Run both listeners until SIGTERM/SIGINT; SIGHUP reloads callers, admin keys, credential."""
     api = init_app(config, source=source)
     admin = api[ADMIN_APP]
-    api_runner = ProxyRunner(api, config.server)
+    api_runner = ProxyRunner(api, config.server, api.get(LANE))
     admin_runner = ProxyRunner(admin, config.server)
     await api_runner.setup()
     try:

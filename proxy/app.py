@@ -40,6 +40,7 @@ from .credential import (
 )
 from .handlers import InvoiceHandler
 from .jwt_auth import JwksKeys, JwksRefreshers, JwtVerifier, open_session
+from .lane import FastLane
 from .metrics import Metrics, SharedMetrics
 from .middleware import observe
 from .tls import ServerTls, watching
@@ -61,6 +62,7 @@ ADMINS = web.AppKey("admins", Authenticator)  # the admin keys (purge); SIGHUP r
 CACHE = web.AppKey("cache", InvoiceCache)
 UPSTREAM = web.AppKey("upstream", Upstream)
 ADMIN_APP = web.AppKey("admin_app", web.Application)
+LANE = web.AppKey("lane", FastLane)  # with server.fast_lane: given to the API listener
 TLS = web.AppKey("tls", ServerTls)  # with [server.tls]: the listeners' context (loaded at start-up)
 
 INVOICE_PATH = "/v1/organizations/{organization}/invoices/{id}"
@@ -247,7 +249,14 @@ def init_app(
             per_organization=per_organization,
             max_budgets=lanes,
         )
-    cache = InvoiceCache(config.cache, metrics, clock=clock.time, fleet=shared)
+    cache = InvoiceCache(
+        config.cache,
+        metrics,
+        clock=clock.time,
+        fleet=shared,
+        # With the fast lane, each stored invoice carries the bytes of its answer.
+        prepare=FastLane.prepare if config.server.fast_lane else None,
+    )
     if config.shared is not None:
         from .purges import BLOCK_MS, PurgeListener
 
@@ -272,6 +281,8 @@ def init_app(
         api[CREDENTIALS] = single
     api[CALLERS] = callers
     api[CACHE] = cache
+    if config.server.fast_lane:
+        api[LANE] = FastLane(callers, cache, metrics, clock.time)
     api.router.add_get(INVOICE_PATH, invoices.get)
     api.cleanup_ctx.append(
         _credentials_ctx if organizations is None else organizations_ctx_for(organizations)

@@ -37,6 +37,7 @@ from aiohttp.web_server import Server
 from . import errors
 from .config import ServerConfig
 from .errors import ProxyError, error_response
+from .lane import FastLane, Head, HeadReader
 from .middleware import new_request_id
 
 log = structlog.get_logger("proxy.server")
@@ -49,7 +50,9 @@ _TOKEN_REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [!-~]+ HTTP/1\.[
 class ProxyRunner(web.AppRunner):
     """An `AppRunner` configured from `ServerConfig`, listening on sockets it binds itself."""
 
-    def __init__(self, app: web.Application, config: ServerConfig) -> None:
+    def __init__(
+        self, app: web.Application, config: ServerConfig, lane: FastLane | None = None
+    ) -> None:
         super().__init__(
             app,
             handle_signals=False,
@@ -61,12 +64,13 @@ class ProxyRunner(web.AppRunner):
             max_headers=config.max_headers,
         )
         self._config = config
+        self._lane = lane
 
     async def _make_server(self) -> Server:
         # aiohttp builds its Server (after the application's start-up); ours is the same
         # with its own protocol class, which aiohttp offers no other way to choose.
         allow = sorted({route.method for route in self.app.router.routes()} - {"*"})
-        return _Server(await super()._make_server(), self._config, ", ".join(allow))
+        return _Server(await super()._make_server(), self._config, ", ".join(allow), self._lane)
 
     async def listen(
         self,
@@ -95,7 +99,9 @@ class ProxyRunner(web.AppRunner):
 class _Server(Server):
     """aiohttp's Server with the connection cap and `_Protocol` for each connection."""
 
-    def __init__(self, base: Server, config: ServerConfig, allow: str) -> None:
+    def __init__(
+        self, base: Server, config: ServerConfig, allow: str, lane: FastLane | None
+    ) -> None:
         super().__init__(
             _checking_expect(base.request_handler),
             request_factory=base.request_factory,
@@ -106,12 +112,19 @@ class _Server(Server):
         self._cap = config.max_connections
         self._head_timeout_s = config.request_timeout_s
         self._allow = allow
+        self._lane = lane
+        self._head_bytes = min(config.max_line_size, config.max_field_size)
+        self._max_headers = config.max_headers
 
     def __call__(self) -> RequestHandler:
         return _Protocol(
             self,
             head_timeout_s=self._head_timeout_s,
             allow=self._allow,
+            lane=self._lane,
+            reader=(
+                HeadReader(self._head_bytes, self._max_headers) if self._lane is not None else None
+            ),
             loop=self._loop,
             **self._kwargs,
         )
@@ -124,17 +137,27 @@ class _Server(Server):
 
 
 class _Protocol(RequestHandler):
-    """One connection: aiohttp's HTTP/1.1, a time limit per request head, JSON errors."""
+    """One connection: aiohttp's HTTP/1.1, a time limit per request head, JSON errors,
+    and with the fast lane, the hits it answers itself (`proxy.lane`)."""
 
-    __slots__ = ("_allow", "_head_timeout_s", "_head_timer", "_last_data")
+    __slots__ = ("_allow", "_head_timeout_s", "_head_timer", "_lane", "_last_data", "_reader")
 
     def __init__(
-        self, manager: Server, *, head_timeout_s: float, allow: str, **kwargs: Any
+        self,
+        manager: Server,
+        *,
+        head_timeout_s: float,
+        allow: str,
+        lane: FastLane | None,
+        reader: HeadReader | None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(manager, **kwargs)
         self._head_timeout_s = head_timeout_s
         self._head_timer: asyncio.TimerHandle | None = None
         self._allow = allow
+        self._lane = lane
+        self._reader = reader  # None: aiohttp reads every byte of this connection
         # The last bytes read, kept (not copied) only to tell an unknown method from junk.
         self._last_data = b""
 
@@ -147,6 +170,66 @@ class _Protocol(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        if reader is None or self._force_close or self._close:
+            self._to_aiohttp(data)
+            return
+        heads = reader.read(data)
+        if heads is None:
+            self._reader = None  # not clean: aiohttp's alone, this read included
+            self._to_aiohttp(data)
+            return
+        self._answer(data, heads)
+
+    def _answer(self, data: bytes, heads: list[Head]) -> None:
+        """Answer the leading hits of a clean read; the rest goes to aiohttp, in order."""
+        assert self._lane is not None
+        done = 0
+        for head in heads:
+            if not head.end or not self._idle():
+                break
+            answer = self._lane.answer(head, self.transport)
+            if answer is None:
+                break
+            assert self.transport is not None  # _idle: the connection is open
+            self.transport.write(answer)
+            done = head.end
+            if not head.keep_alive:
+                self.force_close()  # as aiohttp: later requests on the connection are not read
+                return
+        if done:
+            self._stop_head_timer()
+            self._kept_alive()
+            if done == len(data):
+                return
+            data = data[done:]
+        self._to_aiohttp(data)
+
+    def _idle(self) -> bool:
+        """aiohttp has nothing under way on this connection: it waits for a request."""
+        waiter = self._waiter
+        return (
+            waiter is not None
+            and not waiter.done()
+            and not self._messages
+            and not self._request_in_progress
+            and self._keepalive
+            and not self._upgraded
+            and self._payload_parser is None
+            and not self.writing_paused
+            and self.transport is not None
+            and not self.transport.is_closing()
+        )
+
+    def _kept_alive(self) -> None:
+        """After an answer: the keep-alive timeout counts from now, as in aiohttp's loop."""
+        if self._keepalive_timeout > 0:
+            close_time = self._loop.time() + self._keepalive_timeout
+            self._next_keepalive_close_time = close_time
+            if self._keepalive_handle is None:
+                self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
+
+    def _to_aiohttp(self, data: bytes) -> None:
         # A head that arrives whole (nearly every request) needs no timer: one is started
         # only when a chunk leaves a head incomplete, and runs until the head is parsed.
         # Between requests the keep-alive timeout applies instead.

@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from proxy.app import ADMIN_APP, METRICS, init_app
+from proxy.app import ADMIN_APP, LANE, METRICS, init_app
 from proxy.auth import key_digest
 from proxy.clock import SYSTEM_CLOCK, Clock
 from proxy.config import Config
@@ -310,7 +310,7 @@ async def running_proxy(
         ports: list[int] = []
         for served in (app, app[ADMIN_APP]):
             if listen:
-                runner = ProxyRunner(served, config.server)
+                runner = ProxyRunner(served, config.server, served.get(LANE))
                 await runner.setup()
                 stack.push_async_callback(runner.cleanup)
                 port = await runner.listen("127.0.0.1", 0)

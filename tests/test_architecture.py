@@ -26,6 +26,10 @@ FORBIDDEN: dict[str, tuple[set[str], str]] = {
         "the cache knows no HTTP",
     ),
     "handlers": ({"credential", "vault", "upstream"}, "handlers never touch the token"),
+    "lane": (
+        {"credential", "vault", "upstream", "shared", "app", "server"},
+        "the fast lane never touches the token, and knows no listener",
+    ),
     "middleware": (
         {"credential", "vault", "cache", "shared"},
         "the middleware maps failures to answers; it knows no token and no cache",

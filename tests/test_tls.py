@@ -19,7 +19,7 @@ import pytest
 from cryptography import x509
 from structlog.testing import capture_logs
 
-from proxy.app import ADMIN_APP, TLS, init_app
+from proxy.app import ADMIN_APP, LANE, TLS, init_app
 from proxy.config import parse_config
 from proxy.server import ProxyRunner
 
@@ -82,7 +82,7 @@ async def serving(
     data["callers"] += extra_callers
     config = parse_config(data)
     app = init_app(config)
-    api_runner = ProxyRunner(app, config.server)
+    api_runner = ProxyRunner(app, config.server, app.get(LANE))
     admin_runner = ProxyRunner(app[ADMIN_APP], config.server)
     await api_runner.setup()
     try:

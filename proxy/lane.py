@@ -1,0 +1,361 @@
+"""The hit fast lane (`server.fast_lane`): cache hits answered on the connection itself.
+
+aiohttp's request machinery (the request object, the router, the middleware chain, the
+response and its headers) costs several times what a cache hit needs. The listener's
+protocol (`proxy.server`) shows each read to `HeadReader` first, and `FastLane` answers
+the requests it is sure of from bytes prepared when the entry was stored: a complete
+GET or HEAD head for exactly `/v1/organizations/{organization}/invoices/{id}`, no body,
+a known caller allowed to read the organization and within its rate, a fresh cached
+200. Only what varies per request is written per request: `X-Request-ID`, `Date`, the
+`Cache-Control` of an open invoice, and 304 on a matching `If-None-Match`. Everything
+else goes to aiohttp, unchanged and in order, and is answered as with the lane off.
+
+Both read the same bytes the same way. `HeadReader` parses with llhttp (httptools),
+the parser aiohttp's own is built on, in the same strict mode, and calls a head *clean*
+only when aiohttp could not disagree about it nor refuse it: printable ASCII, CRLF line
+ends, no folded line, GET or HEAD, HTTP/1.0 or 1.1, a plain path, no header twice, no
+`Content-Length`, `Transfer-Encoding`, `Expect` or `Upgrade`, a `Connection` of
+`keep-alive` or `close`, `Host` with HTTP/1.1, and well within the `[server]` size
+limits. A clean head has no body, so it ends at its blank line, for both parsers. Once
+a read holds anything not clean, aiohttp reads that connection alone from then on: the
+lane never guesses where a request ends. A read is judged whole before the lane answers
+from it, because aiohttp refuses a read with a malformed request in it as a whole.
+
+The answer, the log line and the metrics are those of the aiohttp path (`handlers`,
+`middleware.log_request`): the same bytes but for the `Date` and `X-Request-ID` values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Callable
+from email.utils import formatdate
+
+import httptools
+from aiohttp.http import SERVER_SOFTWARE
+
+from .auth import Authenticator
+from .cache import Entry, InvoiceCache
+from .handlers import etag_matches, peercert
+from .metrics import Metrics
+from .middleware import log_request, request_id_for
+
+# Bytes no clean head holds: beyond printable ASCII and tab, a CR or LF that is not part
+# of CRLF, or a folded line (obs-fold).
+_ODD = re.compile(rb"[^\t\r\n\x20-\x7e]|\r(?!\n)|(?<!\r)\n|\n[\t ]")
+_CLEAN_URL = re.compile(rb"/[A-Za-z0-9/_.~-]*(?:\?[A-Za-z0-9=&_.~-]*)?")
+_INVOICE = re.compile(rb"/v1/organizations/([A-Za-z0-9_-]{1,64})/invoices/([A-Za-z0-9_-]{1,64})")
+# Headers that give a request a body or another protocol, or that aiohttp acts on
+# before the application: a head with one is aiohttp's to read.
+_NOT_CLEAN = frozenset(
+    {
+        b"content-length", b"transfer-encoding", b"expect", b"upgrade", b"content-encoding",
+        b"sec-websocket-key1",
+    }
+)  # fmt: skip
+_CONNECTION = frozenset({b"keep-alive", b"close"})
+_METHODS = (b"GET /", b"HEAD /")
+_HEAD_END = b"\r\n\r\n"
+
+
+class Head:
+    """One request head as llhttp read it."""
+
+    __slots__ = (
+        "authorization", "end", "error", "headers", "if_none_match", "keep_alive", "method",
+        "request_id", "url", "version",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: set[bytes] = set()  # lower-case names seen
+        self.error = False  # a header that makes the head not clean
+        self.authorization: str | None = None
+        self.if_none_match: str | None = None
+        self.request_id: str | None = None
+        self.method = ""
+        self.version = ""
+        self.keep_alive = True
+        self.end = 0  # where it ends in the read that completed it; 0: it began before
+
+
+class HeadReader:
+    """The request heads of one connection, read with llhttp from every byte it received.
+
+    `read` takes each read of the connection in order, and returns its complete heads,
+    or None once something is not clean (see the module's docstring). A head begun in
+    an earlier read is carried over.
+    """
+
+    __slots__ = ("_complete", "_current", "_max_bytes", "_max_headers", "_parser", "_pending")
+
+    def __init__(self, max_bytes: int, max_headers: int) -> None:
+        # Well within aiohttp's own limits, so aiohttp never refuses a clean head.
+        self._max_bytes = max_bytes - 8
+        self._max_headers = max_headers - 1
+        self._pending = b""  # the bytes so far of a head not yet complete
+        self._current = Head()
+        self._complete = 0
+        self._parser = httptools.HttpRequestParser(self)
+
+    # llhttp's callbacks (httptools assembles each header before calling on_header).
+    def on_url(self, url: bytes) -> None:
+        self._current.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        head = self._current
+        name = name.lower()
+        if name in head.headers or name in _NOT_CLEAN or len(head.headers) >= self._max_headers:
+            head.error = True
+            return
+        head.headers.add(name)
+        # llhttp strips the whitespace before a value; aiohttp strips it after, too.
+        value = value.rstrip(b" \t")
+        if name == b"authorization":
+            head.authorization = value.decode("ascii")
+        elif name == b"if-none-match":
+            head.if_none_match = value.decode("ascii")
+        elif name == b"x-request-id":
+            head.request_id = value.decode("ascii")
+        elif name == b"connection" and value.lower() not in _CONNECTION:
+            head.error = True
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        head = self._current
+        head.method = parser.get_method().decode("ascii")
+        head.version = parser.get_http_version()
+        head.keep_alive = parser.should_keep_alive()
+
+    def on_message_complete(self) -> None:
+        self._complete += 1
+
+    def read(self, data: bytes) -> list[Head] | None:
+        """The heads `data` completes, in order; None: not clean, aiohttp's from now on."""
+        pending = self._pending
+        buffer = pending + data if pending else data
+        carried = len(pending)
+        heads: list[Head] = []
+        start = 0
+        try:
+            while start < len(buffer):
+                end = buffer.find(_HEAD_END, start)
+                if end < 0:
+                    tail = buffer[start:]
+                    if not self._clean_so_far(tail, buffer[max(start, carried) :]):
+                        return None
+                    self._pending = tail
+                    return heads
+                end += len(_HEAD_END)
+                head = self._complete_head(buffer[start:end], buffer[max(start, carried) : end])
+                if head is None:
+                    return None
+                head.end = end - carried if start >= carried else 0
+                heads.append(head)
+                start = end
+        except (httptools.HttpParserError, UnicodeDecodeError):
+            return None
+        self._pending = b""
+        return heads
+
+    def _complete_head(self, head_bytes: bytes, new: bytes) -> Head | None:
+        if (
+            len(head_bytes) > self._max_bytes
+            or not head_bytes.startswith(_METHODS)
+            or _ODD.search(head_bytes) is not None
+        ):
+            return None
+        self._complete = 0
+        self._parser.feed_data(new)
+        head = self._current
+        self._current = Head()
+        if (
+            self._complete != 1
+            or head.error
+            or head.version not in ("1.1", "1.0")
+            or (head.version == "1.1" and b"host" not in head.headers)
+            or _CLEAN_URL.fullmatch(head.url) is None
+        ):
+            return None
+        return head
+
+    def _clean_so_far(self, tail: bytes, new: bytes) -> bool:
+        """A head not yet complete: clean as far as it goes (aiohttp refuses a bad start
+        at once, and with it every request of the same read)."""
+        if len(tail) > self._max_bytes:
+            return False
+        if not (tail.startswith(_METHODS) or any(m.startswith(tail) for m in _METHODS)):
+            return False
+        if _ODD.search(tail[:-1] if tail.endswith(b"\r") else tail) is not None:
+            return False
+        self._complete = 0
+        self._parser.feed_data(new)
+        return self._complete == 0 and not self._current.error
+
+
+class Prepared:
+    """The fixed bytes of the answers from one entry (`Entry.prepared`)."""
+
+    __slots__ = ("after_id", "before_id", "open_after")
+
+    def __init__(self, before_id: bytes, open_after: bytes, after_id: bytes) -> None:
+        self.before_id = before_id  # status line to `X-Request-ID: `; final entries only
+        self.open_after = open_after  # after an open entry's Cache-Control value
+        self.after_id = after_id  # `Content-Length` to `Date: `
+
+    @property
+    def size(self) -> int:
+        return len(self.before_id) + len(self.open_after) + len(self.after_id) + 160
+
+
+_STATUS_200 = b"HTTP/1.1 200 OK\r\n"
+_STATUS_304 = b"HTTP/1.1 304 Not Modified\r\n"
+_SERVER = b"\r\nServer: " + SERVER_SOFTWARE.encode("ascii") + b"\r\n"
+_KEEP_ALIVE_10 = b"Connection: keep-alive\r\n\r\n"
+_CLOSE_11 = b"Connection: close\r\n\r\n"
+_CRLF = b"\r\n"
+
+
+class FastLane:
+    """Answers the hits `HeadReader` found clean; None: aiohttp answers instead."""
+
+    def __init__(
+        self,
+        callers: Authenticator,
+        cache: InvoiceCache,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._callers = callers
+        self._cache = cache
+        self._metrics = metrics
+        self._clock = clock
+        self._second = -1
+        self._date = b""
+        self.answered = 0  # requests the lane answered itself (tests, the benchmark)
+
+    @staticmethod
+    def prepare(entry: Entry) -> int:
+        """`InvoiceCache`'s hook: fill `entry.prepared`; the bytes it costs."""
+        etag = entry.etag.encode("ascii")
+        rest = b"\r\nX-Cache: HIT\r\nContent-Type: application/json\r\nX-Request-ID: "
+        if entry.cache_control:
+            before_id = (
+                _STATUS_200 + b"ETag: " + etag + b"\r\nCache-Control: "
+                + entry.cache_control.encode("ascii") + rest
+            )  # fmt: skip
+            open_after = b""
+        else:
+            before_id = _STATUS_200 + b"ETag: " + etag + b"\r\nCache-Control: "
+            open_after = rest
+        after_id = b"\r\nContent-Length: " + str(len(entry.body)).encode("ascii") + b"\r\nDate: "
+        prepared = Prepared(before_id, open_after, after_id)
+        entry.prepared = prepared
+        return prepared.size
+
+    def answer(self, head: Head, transport: asyncio.BaseTransport | None) -> bytes | None:
+        """The whole answer to `head` when it is a hit the lane may serve, else None
+        (nothing was changed: aiohttp answers it as if the lane had not looked)."""
+        start = time.perf_counter()
+        match = _INVOICE.fullmatch(head.url)
+        if match is None:
+            return None
+        authorization = head.authorization
+        known = self._callers.known(
+            authorization, peercert(transport) if authorization is None else None
+        )
+        if known is None:
+            return None
+        caller, how = known
+        organization = match.group(1).decode("ascii")
+        invoice_id = match.group(2).decode("ascii")
+        if not caller.may_read(organization):
+            return None
+        entry = self._cache.peek((organization, invoice_id))
+        if entry is None or entry.status != 200:
+            return None
+        prepared = entry.prepared
+        if not isinstance(prepared, Prepared):
+            return None  # stored before the lane existed: aiohttp's
+        bucket = caller.bucket
+        if bucket is not None and bucket.try_take():
+            return None  # aiohttp refuses it, and counts the refusal
+        self._cache.count_hit()
+        request_id = request_id_for(head.request_id)
+        now = self._clock()  # for an open invoice's max-age, as the handler reads it
+        if head.if_none_match is not None and etag_matches(head.if_none_match, entry.etag):
+            status = 304
+            answer = self._not_modified(entry, request_id, now, head)
+        else:
+            status = 200
+            answer = self._ok(entry, prepared, request_id, now, head)
+        self.answered += 1
+        seconds = time.perf_counter() - start
+        self._metrics.request_done(caller.name, status, "hit", seconds)
+        log_request(
+            request_id=request_id,
+            method=head.method,
+            caller=caller.name,
+            auth=how,
+            organization=organization,
+            invoice_id=invoice_id,
+            status=status,
+            cache="hit",
+            seconds=seconds,
+        )
+        return answer
+
+    def _ok(
+        self, entry: Entry, prepared: Prepared, request_id: str, now: float, head: Head
+    ) -> bytes:
+        if prepared.open_after:
+            before_id = (
+                prepared.before_id + entry.cache_control_at(now).encode("ascii")
+                + prepared.open_after
+            )  # fmt: skip
+        else:
+            before_id = prepared.before_id
+        if head.version == "1.0":
+            before_id = b"HTTP/1.0" + before_id[8:]
+        parts = [
+            before_id,
+            request_id.encode("ascii"),
+            prepared.after_id,
+            self._http_date(),
+            _SERVER,
+            _connection(head),
+        ]
+        if head.method != "HEAD":
+            parts.append(entry.body)
+        return b"".join(parts)
+
+    def _not_modified(self, entry: Entry, request_id: str, now: float, head: Head) -> bytes:
+        status_line = _STATUS_304 if head.version == "1.1" else b"HTTP/1.0" + _STATUS_304[8:]
+        return b"".join(
+            (
+                status_line,
+                b"ETag: ", entry.etag.encode("ascii"),
+                b"\r\nCache-Control: ", entry.cache_control_at(now).encode("ascii"),
+                b"\r\nX-Cache: HIT\r\nX-Request-ID: ", request_id.encode("ascii"),
+                b"\r\nDate: ", self._http_date(),
+                _SERVER,
+                _connection(head),
+            )
+        )  # fmt: skip
+
+    def _http_date(self) -> bytes:
+        """`Date`, as aiohttp writes it: the wall clock, formatted once a second."""
+        second = int(time.time())
+        if second != self._second:
+            self._second = second
+            self._date = formatdate(second, usegmt=True).encode("ascii")
+        return self._date
+
+
+def _connection(head: Head) -> bytes:
+    """The `Connection` header aiohttp adds, and the blank line."""
+    if head.keep_alive:
+        return _KEEP_ALIVE_10 if head.version == "1.0" else _CRLF
+    return _CLOSE_11 if head.version == "1.1" else _CRLF

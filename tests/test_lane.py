@@ -1,0 +1,83 @@
+"""The fast lane's answers, byte for byte against aiohttp's (the differential property
+test over whole streams is tests/test_fast_lane.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+
+from proxy.app import LANE
+
+from .helpers import BILLING_KEY, ProxyFactory, invoice_path
+
+DATE = re.compile(rb"\r\nDate: [^\r]*\r\n")
+GENERATED_ID = re.compile(rb"\r\nX-Request-ID: [0-9a-f]{32}\r\n")
+
+
+async def exchange(port: int, data: bytes) -> bytes:
+    """Send `data` on one connection; everything read until the server closes or is quiet."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        received = b""
+        while True:
+            try:
+                async with asyncio.timeout(0.3):
+                    chunk = await reader.read(65536)
+            except TimeoutError:
+                return received
+            if not chunk:
+                return received
+            received += chunk
+    finally:
+        writer.close()
+
+
+def normalised(answer: bytes) -> bytes:
+    answer = DATE.sub(b"\r\nDate: -\r\n", answer)
+    return GENERATED_ID.sub(b"\r\nX-Request-ID: -\r\n", answer)
+
+
+def head(method: str = "GET", path: str = "", extra: str = "", version: str = "1.1") -> bytes:
+    path = path or invoice_path()
+    return (
+        f"{method} {path} HTTP/{version}\r\nHost: proxy\r\n"
+        f"Authorization: Bearer {BILLING_KEY}\r\n{extra}\r\n"
+    ).encode("ascii")
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        head(),
+        head("HEAD"),
+        head(extra='If-None-Match: "nope", W/"x"\r\n'),
+        head(version="1.0"),
+        head(version="1.0", extra="Connection: keep-alive\r\n"),
+        head(extra="Connection: close\r\n"),
+        head(extra="X-Request-ID: caller-chosen.id:1\r\n"),
+        head(extra="If-None-Match: *\r\n"),
+        head(version="1.0", extra="If-None-Match: *\r\n"),
+        head(path=invoice_path("acme", "open-2099-01")),
+        head("HEAD", path=invoice_path("acme", "open-2099-01"), extra="If-None-Match: *\r\n"),
+        head() + head("HEAD") + head(),
+    ],
+)
+async def test_a_hit_is_answered_by_the_lane_with_aiohttps_bytes(
+    make_proxy: ProxyFactory, request_bytes: bytes
+) -> None:
+    with_lane = await make_proxy(listen=True)
+    without = await make_proxy(listen=True, server={"fast_lane": False})
+    for proxy in (with_lane, without):  # the misses that fill each cache
+        for path in (invoice_path(), invoice_path("acme", "open-2099-01")):
+            await exchange(proxy.port, head(path=path, extra="Connection: close\r\n"))
+    lane = with_lane.app[LANE]
+    before = lane.answered
+    got = await exchange(with_lane.port, request_bytes)
+    expected = await exchange(without.port, request_bytes)
+    assert lane.answered > before
+    assert normalised(got) == normalised(expected)
+    assert LANE not in without.app
