@@ -1,0 +1,216 @@
+"""The log line: one JSON object a line (orjson's bytes), as the standard json wrote it."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import select
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy import logging as proxy_logging
+
+from .helpers import BILLING_KEY, TOKEN
+
+
+def written(emit: Callable[[Any], None], fmt: str = "json") -> bytes:
+    """What the service writes on stdout while `emit(logger)` logs (`configure`'s pipeline)."""
+    stream = io.BytesIO()
+    proxy_logging.configure("debug", fmt, stream=stream, cache=False)
+    try:
+        emit(structlog.get_logger("proxy"))
+    finally:
+        structlog.reset_defaults()
+    proxy_logging.flush_logs()
+    return stream.getvalue()
+
+
+def one_line(data: bytes) -> dict[str, Any]:
+    """The one JSON object of `data`, which must be a single line ended by a newline."""
+    assert data.endswith(b"\n") and data.count(b"\n") == 1 and b"\r" not in data
+    line: dict[str, Any] = json.loads(data, parse_constant=_no_constants)
+    return line
+
+
+def _no_constants(name: str) -> None:
+    raise AssertionError(f"{name} is not JSON")
+
+
+def as_before(event: str, level: str, **fields: Any) -> dict[str, Any]:
+    """The line the standard library's json rendered for the same event (no timestamp)."""
+    event_dict = proxy_logging.redact_secrets(None, level, {**fields, "event": event})
+    event_dict["level"] = level
+    old: dict[str, Any] = json.loads(structlog.processors.JSONRenderer()(None, level, event_dict))
+    return old
+
+
+def without_timestamp(line: dict[str, Any]) -> dict[str, Any]:
+    stamp = line.pop("timestamp")
+    assert isinstance(stamp, str) and stamp.endswith("Z")
+    return line
+
+
+# Every character (non-ASCII, control characters, U+2028, lone surrogates), numbers
+# past orjson's 64 bits, dict keys that are not strings: what a field could ever hold.
+characters = st.characters(exclude_categories=())
+texts = st.text(characters, max_size=40)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | texts
+)
+values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(texts | st.integers() | st.booleans(), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+field_names = texts.filter(lambda name: name not in {"event", "level", "timestamp", "exc_info"})
+
+
+@settings(max_examples=300, deadline=None)
+@given(event=texts, fields=st.dictionaries(field_names, values, max_size=6))
+def test_a_line_holds_what_the_standard_json_renderer_wrote(
+    event: str, fields: dict[str, Any]
+) -> None:
+    """Same keys, same values, same order; redaction applied the same way."""
+    line = one_line(written(lambda log: log.info(event, **fields)))
+    assert list(without_timestamp(line).items()) == list(as_before(event, "info", **fields).items())
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    before=texts,
+    after=texts,
+    secret=st.sampled_from([f"Bearer {BILLING_KEY}", TOKEN, BILLING_KEY]),
+)
+def test_a_secret_among_any_characters_is_masked(before: str, after: str, secret: str) -> None:
+    line = one_line(written(lambda log: log.error("oops", error=f"{before} {secret} {after}")))
+    assert secret not in json.dumps(line) and "[redacted]" in line["error"]
+
+
+def test_values_json_has_no_type_for_are_logged_as_their_repr() -> None:
+    """A Path, an exception, a set or any object in a field: the line is there, as before."""
+    fields = {
+        "path": Path("/vault/secrets/planetscale.json"),
+        "error": ConnectionResetError(104, "Connection reset by peer"),
+        "kinds": {"timeout"},
+        "source": object(),
+    }
+    line = one_line(written(lambda log: log.warning("odd_values", **fields)))
+    assert without_timestamp(line) == as_before("odd_values", "warning", **fields)
+    assert line["path"] == "PosixPath('/vault/secrets/planetscale.json')"
+
+
+@dataclass
+class _Login:
+    role: str
+    token: str
+
+
+def test_a_secret_inside_an_object_is_masked_in_its_repr() -> None:
+    """The redaction processor reads strings and containers; an object's repr is read too."""
+    fields = {"error": ValueError(f"refused Bearer {BILLING_KEY}"), "login": _Login("r", TOKEN)}
+    data = written(lambda log: log.error("oops", **fields))
+    line = one_line(data)
+    assert BILLING_KEY.encode() not in data and TOKEN.encode() not in data
+    assert line["error"].startswith("ValueError('refused [redacted]")
+    assert line["login"].startswith("_Login(role='r', ") and "[redacted]" in line["login"]
+
+
+def test_a_nan_or_infinite_number_is_null_and_the_line_stays_json() -> None:
+    line = one_line(written(lambda log: log.info("odd", ratio=float("nan"), limit=float("inf"))))
+    assert line["ratio"] is None and line["limit"] is None
+
+
+def test_a_logged_exception_is_one_line_with_its_traceback() -> None:
+    def emit(log: Any) -> None:
+        try:
+            raise RuntimeError(f"upstream said: token {TOKEN}\nsecond line")
+        except RuntimeError:
+            log.exception("unhandled_error", request_id="r1")
+
+    data = written(emit)
+    line = one_line(data)
+    assert line["event"] == "unhandled_error" and line["level"] == "error"
+    assert line["exception"].startswith("Traceback (most recent call last):")
+    assert "RuntimeError: upstream said: token [redacted]\nsecond line" in line["exception"]
+    assert TOKEN.encode() not in data
+
+
+def test_console_lines_are_text_lines() -> None:
+    data = written(lambda log: log.info("credential_reloaded", version="v2 é"), fmt="console")
+    assert data.endswith(b"\n") and data.count(b"\n") == 1
+    text = data.decode()
+    assert "credential_reloaded" in text and "version=" in text and "v2 é" in text
+
+
+def test_a_text_stream_receives_the_same_lines() -> None:
+    """`configure(stream=StringIO())`, as a test passes it; stdout is written in bytes."""
+    text = io.StringIO()
+    proxy_logging.configure("debug", "json", stream=text, cache=False)
+    try:
+        structlog.get_logger("proxy").info("started", port=8080, where="Zürich")
+    finally:
+        structlog.reset_defaults()
+    proxy_logging.flush_logs()
+    assert text.getvalue().count("\n") == 1
+    assert json.loads(text.getvalue())["where"] == "Zürich"
+
+
+def test_what_was_printed_before_the_configuration_comes_first() -> None:
+    """A text stream over a binary one (stdout): its pending text goes out first."""
+    raw = io.BytesIO()
+    stdout = io.TextIOWrapper(raw, encoding="utf-8")
+    stdout.write("banner\n")
+    proxy_logging.configure("debug", "json", stream=stdout, cache=False)
+    try:
+        structlog.get_logger("proxy").info("started")
+    finally:
+        structlog.reset_defaults()
+    proxy_logging.flush_logs()
+    first, second = raw.getvalue().splitlines()
+    assert first == b"banner" and json.loads(second)["event"] == "started"
+
+
+class _Writes:
+    """A binary stream that remembers each write."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.writes.append(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+async def test_a_loop_turns_lines_go_out_in_whole_lines_of_at_most_pipe_buf_bytes() -> None:
+    """Atomic writes to a shared pipe: counted in bytes, so non-ASCII lines fit too."""
+    stream = _Writes()
+    proxy_logging.configure("debug", "json", stream=stream, cache=False)  # type: ignore[arg-type]
+    try:
+        log = structlog.get_logger("proxy")
+        for i in range(200):
+            log.info("request", request_id=f"r{i}", caller="caisse-épargne-ü€" * 2)
+        assert stream.writes == []  # written at the end of the loop's turn
+        await asyncio.sleep(0)
+    finally:
+        structlog.reset_defaults()
+    assert len(stream.writes) > 1
+    assert all(len(chunk) <= select.PIPE_BUF and chunk.endswith(b"\n") for chunk in stream.writes)
+    lines = b"".join(stream.writes).splitlines()
+    assert [json.loads(line)["request_id"] for line in lines] == [f"r{i}" for i in range(200)]
