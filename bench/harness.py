@@ -38,9 +38,13 @@ from . import cpu
 T = TypeVar("T")
 
 BENCH = Path(__file__).resolve().parent
-VENV_BIN = Path(sys.executable).parent
-# `invoice-proxy serve` as installed; the soak runs `python -m proxy serve` instead.
-PROXY_COMMAND = (str(VENV_BIN / "invoice-proxy"),)
+# The checkout the bench belongs to: every Python process the bench starts (the proxies,
+# the stand-in, the bare app) imports `proxy` from here (Processes.start puts it first on
+# PYTHONPATH), not from wherever the virtualenv's editable install points.
+ROOT = BENCH.parent
+# `invoice-proxy serve` is this: the entry point's `main`, run from the checkout.
+PROXY_COMMAND = (sys.executable, "-m", "proxy")
+
 
 SERVER_CORE = "0"
 CLIENT_CORE = "1"
@@ -137,7 +141,10 @@ class Processes:
     def start(self, name: str, argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
         out = log.open("wb")
         self._files.append(out)
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        process = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": path}
+        )
         self._running.append((name, process))
         return process
 
