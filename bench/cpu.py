@@ -39,6 +39,17 @@ def _process(pid: int, with_children: bool = False) -> int:
     return used
 
 
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """CPU time (user + system) the processes have used so far, in seconds."""
+    return sum(_process(pid) for pid in pids) / TICK
+
+
+def waited_children_seconds() -> float:
+    """CPU time of this process's children that have ended and been waited for (wrk)."""
+    times = os.times()
+    return times.children_user + times.children_system
+
+
 def children_of(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():

@@ -2,7 +2,8 @@
 
 Everything here starts, waits for, asks or measures a process; nothing here decides
 what a figure means (bench/scenarios.py measures, bench/figures.py judges,
-bench/report.py writes). Servers are pinned to SERVER_CORE, load generators to
+bench/report.py writes). Servers are pinned to SERVER_CORE (but for the second worker
+of the workers measurement, which bench/scenarios.py moves), load generators to
 CLIENT_CORE. A failure is a `BenchError` with a message for the person at the terminal.
 """
 
@@ -38,14 +39,25 @@ from . import cpu
 T = TypeVar("T")
 
 BENCH = Path(__file__).resolve().parent
-VENV_BIN = Path(sys.executable).parent
-# `invoice-proxy serve` as installed; the soak runs `python -m proxy serve` instead.
-PROXY_COMMAND = (str(VENV_BIN / "invoice-proxy"),)
+# The checkout the bench belongs to: every Python process the bench starts (the proxies,
+# the stand-in, the bare app) imports `proxy` from here (Processes.start puts it first on
+# PYTHONPATH), not from wherever the virtualenv's editable install points.
+ROOT = BENCH.parent
+# `invoice-proxy serve` is this: the entry point's `main`, run from the checkout.
+PROXY_COMMAND = (sys.executable, "-m", "proxy")
 
 SERVER_CORE = "0"
 CLIENT_CORE = "1"
 ORGANIZATION = "acme"
-SERVERS = ("invoice-proxy", "nginx", "bare aiohttp")
+# The servers of the hit rounds. "invoice-proxy" is the product as configured by
+# default (`server.fast_lane = true`); the other proxy differs only in that key.
+PROXY, PROXY_OFF, NGINX, BARE = (
+    "invoice-proxy",
+    "invoice-proxy (fast_lane=false)",
+    "nginx",
+    "bare aiohttp",
+)
+SERVERS = (PROXY, PROXY_OFF, NGINX, BARE)
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
 # A measurement during which other processes used more CPU than this (in cores) is
@@ -73,6 +85,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_ports_in_a_row(n: int, attempts: int = 50) -> int:
+    """The first of `n` consecutive free ports (`server.workers = n` needs admin ports
+    admin_port .. admin_port + n - 1)."""
+    for _ in range(attempts):
+        first = free_port()
+        if first + n - 1 > 65535:
+            continue
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(first + 1, first + n):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return first
+    raise BenchError(f"found no {n} consecutive free ports in {attempts} attempts")
 
 
 def pinned(core: str, argv: Sequence[str]) -> list[str]:
@@ -137,7 +167,10 @@ class Processes:
     def start(self, name: str, argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
         out = log.open("wb")
         self._files.append(out)
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        process = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": path}
+        )
         self._running.append((name, process))
         return process
 
@@ -249,7 +282,8 @@ def write_credential(workdir: Path, token_id: str, token: str) -> Path:
 
 @dataclass(frozen=True)
 class Proxy:
-    """One running `invoice-proxy serve`."""
+    """One running `invoice-proxy serve`; with `workers` > 1, the supervising parent and
+    its workers, worker i with its own admin listener on `admin_port + i`."""
 
     name: str
     port: int
@@ -261,16 +295,49 @@ class Proxy:
         return self.process.pid
 
     tls: bool = False  # the API listener serves HTTPS
+    workers: int = 1
+    log: Path | None = None  # its output: the JSON log lines
 
     @property
     def url(self) -> str:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
+    @property
+    def admin_ports(self) -> list[int]:
+        return [self.admin_port + i for i in range(self.workers)]
+
     def ready(self) -> bool:
-        return http_get(f"http://127.0.0.1:{self.admin_port}/readyz")[0] == 200
+        return all(
+            http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200 for port in self.admin_ports
+        )
 
     def metrics(self) -> dict[str, float]:
-        return proxy_metrics(self.admin_port)
+        """The `invoice_proxy_*` samples, summed over the workers."""
+        total: dict[str, float] = {}
+        for each in self.worker_metrics():
+            for sample, value in each.items():
+                total[sample] = total.get(sample, 0.0) + value
+        return total
+
+    def worker_metrics(self) -> list[dict[str, float]]:
+        """Each worker's own samples, by worker index."""
+        return [proxy_metrics(port) for port in self.admin_ports]
+
+    def worker_pids(self) -> list[int]:
+        """The processes that serve: the process itself, or its forked workers by index
+        (as the parent's `workers_started` log line lists them)."""
+        if self.workers == 1:
+            return [self.pid]
+        assert self.log is not None
+        for line in self.log.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if isinstance(event, dict) and event.get("event") == "workers_started":
+                    pids = [int(pid) for pid in event["pids"]]
+                    if sorted(pids) != sorted(cpu.children_of(self.pid)):
+                        raise BenchError(f"{self.name}: its workers are not {pids}")
+                    return pids
+        raise BenchError(f"{self.name}: no workers_started line in {self.log}")
 
     def rss(self) -> int:
         return rss_bytes(self.pid)
@@ -284,11 +351,15 @@ def start_proxy(
     core: str | None = SERVER_CORE,
     command: Sequence[str] = PROXY_COMMAND,
     tls: bool = False,
+    workers: int = 1,
 ) -> Proxy:
     """`invoice-proxy serve` with `config(port, admin_port)`, its output in `{name}.log`;
-    pinned to `core` (None: not pinned). Returns once it is ready (`tls`: its API
-    listener serves HTTPS; the admin one stays HTTP)."""
-    port, admin_port = free_port(), free_port()
+    pinned to `core` (None: not pinned; "0,1": either core). Returns once it is ready
+    (`tls`: its API listener serves HTTPS; the admin one stays HTTP); with `workers`,
+    once every worker is (the configuration must set `server.workers` to as many)."""
+    port, admin_port = free_port(), free_ports_in_a_row(workers)
+    while admin_port <= port < admin_port + workers:
+        port = free_port()
     path = workdir / f"{name}.toml"
     path.write_text(config(port, admin_port))
     log = workdir / f"{name}.log"  # the JSON request log: written, as in production
@@ -296,21 +367,27 @@ def start_proxy(
     what = f"invoice-proxy ({name})"
     # taskset execs the command: the same process
     process = processes.start(what, argv if core is None else pinned(core, argv), log)
-    proxy = Proxy(name, port, admin_port, process, tls)
+    proxy = Proxy(name, port, admin_port, process, tls, workers, log)
     wait_until(proxy.ready, what, process, log)
     return proxy
 
 
+def pin(pid: int, core: str) -> None:
+    """Move a running process (one of the bench's own) to `core`."""
+    os.sched_setaffinity(pid, {int(c) for c in core.split(",")})
+
+
 @dataclass(frozen=True)
 class Servers:
-    """The stand-in, invoice-proxy, nginx and the bare app, running; and how to call them."""
+    """The stand-in, the two proxies, nginx and the bare app, running; and how to call them."""
 
     workdir: Path
     caller_key: str
     upstream_authorization: str
     credential: Path
     standin_port: int
-    proxy: Proxy
+    proxy: Proxy  # PROXY: the fast lane on
+    proxy_off: Proxy  # PROXY_OFF: its twin with `server.fast_lane = false`
     ports: dict[str, int]  # by server name (SERVERS)
 
     @property
@@ -329,12 +406,16 @@ class Servers:
         *,
         issuer: Issuer | None = None,
         tls: TlsPair | None = None,
+        fast_lane: bool = True,
+        workers: int = 1,
+        core: str = SERVER_CORE,
     ) -> Proxy:
         """One more bench proxy; with `redis_url`, the fleet level is on; with `issuer`,
-        it has a JWT caller; with `tls`, its API listener serves HTTPS with that pair."""
+        it has a JWT caller; with `tls`, its API listener serves HTTPS with that pair;
+        `fast_lane` and `workers` are the `[server]` keys, `core` where it runs."""
         return _start_bench_proxy(
             processes, self.workdir, name, self.standin_port, self.credential, self.caller_key,
-            redis_url, issuer, tls,
+            redis_url, issuer, tls, fast_lane=fast_lane, workers=workers, core=core,
         )  # fmt: skip
 
 
@@ -348,6 +429,10 @@ def _start_bench_proxy(
     redis_url: str = "",
     issuer: Issuer | None = None,
     tls: TlsPair | None = None,
+    *,
+    fast_lane: bool = True,
+    workers: int = 1,
+    core: str = SERVER_CORE,
 ) -> Proxy:
     """A proxy as in production: uvloop, a JSON request log line per request, metrics."""
     upstream: dict[str, object] = {
@@ -366,7 +451,7 @@ def _start_bench_proxy(
             credential=credential,
             caller="bench",
             caller_key=caller_key,
-            server={"max_connections": 4096},
+            server={"max_connections": 4096, "fast_lane": fast_lane, "workers": workers},
             upstream=upstream,
             cache={"max_bytes": 1 << 30},
             logging={"level": "info", "format": "json"},
@@ -375,7 +460,9 @@ def _start_bench_proxy(
             issuer=issuer.table() if issuer else None,
         )
 
-    return start_proxy(processes, workdir, name, config, tls=tls is not None)
+    return start_proxy(
+        processes, workdir, name, config, core=core, tls=tls is not None, workers=workers
+    )
 
 
 @dataclass(frozen=True)
@@ -508,6 +595,9 @@ def start_servers(
 
     credential = write_credential(workdir, token_id, token)
     proxy = _start_bench_proxy(processes, workdir, "proxy", standin_port, credential, caller_key)
+    proxy_off = _start_bench_proxy(
+        processes, workdir, "proxy-off", standin_port, credential, caller_key, fast_lane=False
+    )
 
     prefix = workdir / "nginx"
     prefix.mkdir()
@@ -526,10 +616,11 @@ def start_servers(
         processes, "the bare aiohttp app", SERVER_CORE, bare_argv, workdir / "bare.log", bare_port
     )
 
-    ports = dict(zip(SERVERS, (proxy.port, nginx_port, bare_port), strict=True))
+    ports = dict(zip(SERVERS, (proxy.port, proxy_off.port, nginx_port, bare_port), strict=True))
     return Servers(
-        workdir, caller_key, upstream_authorization, credential, standin_port, proxy, ports
-    )
+        workdir, caller_key, upstream_authorization, credential, standin_port, proxy, proxy_off,
+        ports,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -585,6 +676,21 @@ def wrk_script(path: Path, paths: list[str], authorization: str) -> None:
         "request = function()\n"
         "  i = i % n + 1\n"
         '  return wrk.format("GET", paths[i])\n'
+        "end\n"
+    )
+
+
+def wrk_miss_script(path: Path, prefix: str, authorization: str) -> None:
+    """Every request a new invoice: `{prefix}1`, `{prefix}2`, ... (one wrk thread, one
+    Lua state, so no id comes twice); the stand-in answers each."""
+    path.write_text(
+        "-- Each request a fresh invoice id: every one is a cache miss.\n"
+        f'local prefix = "{invoice_path(prefix)}"\n'
+        "local i = 0\n"
+        f'wrk.headers["Authorization"] = "{authorization}"\n'
+        "request = function()\n"
+        "  i = i + 1\n"
+        '  return wrk.format("GET", prefix .. i)\n'
         "end\n"
     )
 

@@ -6,7 +6,8 @@ hold the most samples themselves (self) and the parts of the stack that cost the
 in total (inclusive). Samples of an idle event loop are not recorded by py-spy, so the
 shares are of busy time. Work done in C between Python callbacks (uvloop's loop and
 transports, aiohttp's C HTTP parser) shows up as self time of the outermost Python
-frame that runs the loop.
+frame that runs the loop; httptools' parser, called by the fast lane, as self time of
+the lane's frame that feeds it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ _FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^:()]+)(?::\d+)?\)$")
 CATEGORIES = (
     ("request log line (structlog, proxy/logging.py)", ("structlog/", "proxy/logging.py")),
     ("request metrics (prometheus_client)", ("prometheus_client/",)),
+    ("proxy: fast lane (proxy/lane.py; httptools' C parser counts here)", ("proxy/lane.py",)),
     ("proxy: protocol (proxy/server.py)", ("proxy/server.py",)),
     ("proxy: middleware, auth, handler, cache", ("proxy/",)),
     ("aiohttp: response and its headers", ("aiohttp/web_response.py", "aiohttp/http_writer.py")),

@@ -1,14 +1,22 @@
 """`make bench`: invoice-proxy against nginx `proxy_cache`, and a bare aiohttp floor.
 
 One run on 127.0.0.1: the PlanetScale stand-in, invoice-proxy (JSON request log to a
-file, metrics on), nginx (one worker, an equivalent cache) and a bare aiohttp app.
-Every server is pinned to core 0; the load generators (wrk, and this process, which
-runs the Python generator in bench/loadgen.py) to core 1. It measures, alternating
-between the servers, round by round:
+file, metrics on; the hit fast lane on, as by default), its twin with
+`server.fast_lane = false`, nginx (one worker, an equivalent cache) and a bare aiohttp
+app. The proxies run this checkout's code (`python -m proxy serve`). Every server is
+pinned to core 0; the load generators (wrk, and this process, which runs the Python
+generator in bench/loadgen.py) to core 1. It measures, alternating between the
+servers, round by round:
 
-- hit throughput: wrk -t1 -c50 over 100 cached invoices (median of the rounds);
+- hit throughput: wrk -t1 -c50 over 100 cached invoices (median of the rounds), and
+  the ratios proxy/nginx and proxy/(fast_lane=false) (issue 14);
 - hit latency p50/p99 at a fixed rate, half of the proxy's peak (open loop);
 - upstream requests caused by 500 concurrent first requests for 50 fresh invoices;
+- the miss path (issue 14), with two more proxies, the fast lane on and off: misses/s
+  under wrk (every request a fresh invoice), the proxy's CPU per miss, and misses one
+  at a time;
+- workers (issue 14): hit throughput with `server.workers = 2` (worker 0 on core 0,
+  worker 1 on core 1 beside wrk) against the one-worker proxy, and the CPU each used;
 - the proxy's resident memory before and after caching 100,000 invoices;
 - the fleet level (issue 8), with redis-server and four more proxies: local-hit
   throughput with `[shared]` configured against without it, the latency of a shared
@@ -23,7 +31,9 @@ The machine may be shared: before each measurement the bench syncs the page cach
 repeated (bounded); the table says how loaded the kept ones were.
 
 Then it prints a table and writes bench/RESULTS.md. When a target is missed and py-spy
-is installed (or with --profile), it also records where the proxy's time goes.
+is installed (or with --profile), it also records where the proxy's time goes: under
+hits (the fast lane's proxy) when a hit target is missed, under misses when the miss
+path's is.
 
     python -m bench.run [--profile] [--no-write] [--keep] [--quick]
 
@@ -102,8 +112,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"other processes keep {load.foreign_cores:.2f} cores busy: noisy figures")
             bench = scenarios.prepare(processes, servers, quiet, settings)
             scenarios.measure(bench, results, want_profile=args.profile)
-            if not args.profile and not all(ok for _, ok, _ in results.verdicts()[:2]):
-                results.profile = scenarios.profile_proxy(bench)
+            if not args.profile:
+                scenarios.profile_all(bench, results, results.missed_profiles())
     except BenchError as exc:
         raise SystemExit(str(exc)) from None
     finally:
@@ -116,14 +126,18 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(report.table(results))
     print()
+    print(report.misses_lines(results.misses, settings))
+    print()
+    print(report.workers_lines(results.workers, settings))
+    print()
     print(report.fleet_lines(results.fleet, settings))
     print()
     print(report.callers_lines(results.callers, settings))
     print()
     print(report.verdict_lines(results))
-    if results.profile is not None:
+    if results.profiles:
         print()
-        print(report.profile_lines(results.profile, settings))
+        print(report.profile_lines(results.profiles, settings))
     if not (args.no_write or args.quick):
         report.write_results(results, report.machine())
         print(f"\nwritten: {report.RESULTS.relative_to(report.BENCH.parent)}")

@@ -1,13 +1,17 @@
 """The measurements of `make bench`, one function each, in the order `measure` runs them.
 
-- hit throughput: wrk over the hot invoices, servers alternating, round by round;
+- hit throughput: wrk over the hot invoices, servers alternating, round by round: the
+  proxy (fast lane on), its twin with the fast lane off, nginx, bare aiohttp;
 - hit latency: the open-loop generator at half the proxy's peak;
 - fresh burst: upstream requests caused by concurrent first requests for fresh invoices;
+- the miss path (issue 14): two more proxies, the fast lane on and off, each request a
+  fresh invoice: wrk's misses/s and the proxy's CPU per miss, then one at a time;
+- workers (issue 14): a proxy with `server.workers = 2` against the proxy's one worker;
 - the fleet level (issue 8): redis-server and four more proxies;
 - callers and TLS (issue 15): a JWT caller's hits against a key caller's, and HTTPS
   against plain HTTP;
 - memory fill: the proxy's resident memory before and after caching many invoices;
-- and, when asked, a py-spy profile of the busy proxy.
+- and, when asked, a py-spy profile of the busy proxy (the fast lane's hits, and misses).
 
 Each fills its part of `figures.Results` and prints a line per round as it goes.
 """
@@ -20,28 +24,40 @@ import itertools
 import os
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import uvloop
 
-from . import loadgen, profile
+from . import cpu, loadgen, profile
 from .figures import (
     CALLER_SIDES,
     FLEET_PROXIES,
     JWT_HTTP,
     KEY_HTTP,
     KEY_HTTPS,
+    LANE_OFF,
+    LANE_ON,
+    LANE_SIDES,
+    ONE_WORKER,
+    PROFILE_HITS,
+    PROFILE_MISSES,
+    TWO_WORKERS,
     WITH,
     WITHOUT,
+    WORKER_SIDES,
     Results,
     Settings,
 )
 from .harness import (
     CLIENT_CORE,
     JWT_CALLER,
+    NGINX,
+    PROXY,
+    PROXY_OFF,
+    SERVER_CORE,
     SERVERS,
     BenchError,
     Processes,
@@ -50,13 +66,20 @@ from .harness import (
     Servers,
     invoice_path,
     metric_sum,
+    pin,
     rss_bytes,
     start_issuer,
     start_redis,
     write_tls_pair,
     wrk,
+    wrk_miss_script,
     wrk_script,
 )
+
+# A server's hit latency is measured at half PROXY's peak unless that is more than this
+# share of its own peak (an open loop beyond a server's capacity measures a queue): then
+# at half its own peak.
+LATENCY_MAX_LOAD = 0.8
 
 
 @dataclass(frozen=True)
@@ -69,6 +92,8 @@ class Bench:
     settings: Settings
     hot_paths: list[str]
     script: Path  # the wrk script over hot_paths
+    # proxies started by a measurement that a profile may ask for, by PROFILE_* name
+    proxies: dict[str, Proxy] = field(default_factory=dict)
 
     @property
     def authorization(self) -> str:
@@ -150,12 +175,20 @@ def _upstream_for(before: dict[str, Any], after: dict[str, Any], ids: list[str])
     return per_invoice
 
 
+def _rotated(sides: tuple[str, ...], round_: int) -> tuple[str, ...]:
+    """The sides in an order that rotates from round to round: a drift of the machine
+    favours none of them."""
+    shift = (round_ - 1) % len(sides)
+    return sides[shift:] + sides[:shift]
+
+
 def warm_up(bench: Bench) -> None:
     print("warming the caches ...", flush=True)
     ports = bench.servers.ports
-    for server in ("invoice-proxy", "nginx"):
+    for server in (PROXY, PROXY_OFF, NGINX):
         _fetch_all(bench, ports[server], bench.hot_paths, server)
     _check_hits(bench, bench.servers.proxy.port, "the proxy")
+    _check_hits(bench, bench.servers.proxy_off.port, "the proxy with the fast lane off")
     for server in SERVERS:
         bench.wrk(ports[server], bench.settings.warm_wrk_s)
 
@@ -165,43 +198,56 @@ def hit_throughput(bench: Bench, results: Results) -> None:
     print(f"hit throughput, wrk -t1 -c{s.wrk_connections} -d{s.wrk_duration_s}s:", flush=True)
     results.throughput = {server: [] for server in SERVERS}
     for round_ in range(1, s.rounds + 1):
-        for server in SERVERS:
+        for server in _rotated(SERVERS, round_):
             port = bench.servers.ports[server]
             rps, load = bench.quiet.measure(server, lambda port=port: bench.wrk(port))
             results.throughput[server].append(rps)
             print(
-                f"  round {round_} {server:14} {rps:10,.0f} req/s"
+                f"  round {round_} {server:31} {rps:10,.0f} req/s"
                 f"  (others: {load.foreign_cores:.2f} cores)",
                 flush=True,
             )
+    print(
+        f"  proxy/nginx {results.ratio:.3f}, proxy/(fast_lane=false) {results.lane_ratio:.3f}"
+        " (medians of the rounds' ratios)",
+        flush=True,
+    )
 
 
 def hit_latency(bench: Bench, results: Results) -> None:
     s = bench.settings
-    results.rate = round(results.peak("invoice-proxy") / 2)
+    results.rate = round(results.peak(PROXY) / 2)
+    for server in SERVERS:
+        own = results.peak(server)
+        results.rates[server] = (
+            results.rate if results.rate <= LATENCY_MAX_LOAD * own else round(own / 2)
+        )
     print(f"hit latency at {results.rate:,.0f} req/s (open loop):", flush=True)
+    for server in SERVERS:
+        if results.rates[server] != results.rate:
+            print(f"  ({server}: at {results.rates[server]:,.0f} req/s, half its own peak)")
     for round_ in range(1, s.rounds + 1):
-        for server in SERVERS:
-            port = bench.servers.ports[server]
+        for server in _rotated(SERVERS, round_):
+            port, rate = bench.servers.ports[server], results.rates[server]
             answers, load = bench.quiet.measure(
                 server,
-                lambda port=port: uvloop.run(
+                lambda port=port, rate=rate: uvloop.run(
                     loadgen.open_loop(
                         port,
                         bench.hot_paths,
                         bench.authorization,
-                        results.rate,
+                        rate,
                         s.latency_duration_s,
                         s.latency_connections,
                     )
                 ),
             )
-            check_all_ok(answers, f"latency {server}", int(results.rate * s.latency_duration_s))
+            check_all_ok(answers, f"latency {server}", int(rate * s.latency_duration_s))
             results.latency.setdefault(server, []).append(
                 (answers.percentile(0.5) * 1000, answers.percentile(0.99) * 1000)
             )
             print(
-                f"  round {round_} {server:14} p50 {answers.percentile(0.5) * 1000:6.3f} ms"
+                f"  round {round_} {server:31} p50 {answers.percentile(0.5) * 1000:6.3f} ms"
                 f"  p99 {answers.percentile(0.99) * 1000:6.3f} ms"
                 f"  (latest send {answers.max_send_lag_s * 1e6:.0f} us late;"
                 f" others: {load.foreign_cores:.2f} cores)",
@@ -212,7 +258,7 @@ def hit_latency(bench: Bench, results: Results) -> None:
 def fresh_burst(bench: Bench, results: Results) -> None:
     s, servers = bench.settings, bench.servers
     print(f"{s.fresh_requests} concurrent first requests for {s.fresh_invoices} fresh invoices:")
-    for server, tag in (("invoice-proxy", "p"), ("nginx", "n")):
+    for server, tag in ((PROXY, "p"), (NGINX, "n")):
         ids = [f"fresh-{tag}-{i:02d}" for i in range(s.fresh_invoices)]
         paths = [invoice_path(ids[i % s.fresh_invoices]) for i in range(s.fresh_requests)]
         before = servers.standin_stats()
@@ -223,6 +269,225 @@ def fresh_burst(bench: Bench, results: Results) -> None:
         results.fresh_upstream[server] = per_invoice
         results.fresh_seconds[server] = answers.elapsed_s
         print(f"  {server:14} {per_invoice} upstream requests ({answers.elapsed_s:.2f} s)")
+
+
+_REQUESTS = "invoice_proxy_requests_total"
+
+
+def _lookups_of(metrics: dict[str, float], result: str) -> float:
+    return metric_sum(metrics, "invoice_proxy_cache_lookups_total", result=result)
+
+
+@dataclass(frozen=True)
+class _MissRound:
+    rps: float
+    cpu_s: float  # the proxy's CPU time over the round
+    requests: int  # answered by the proxy (its requests metric)
+    misses: int
+    hits: int
+    upstream: int  # requests the stand-in saw
+
+
+def miss_path(bench: Bench, results: Results) -> None:
+    """Issue 14: the miss path, the fast lane on against off (the lane must hand a miss
+    to aiohttp at no visible cost).
+
+    Two twin proxies started for this part, "miss-on" and "miss-off" (`server.fast_lane`
+    true and false), otherwise as the others: the upstream rate cap far above what wrk
+    asks, so the proxy is measured, not the cap. Each wrk round sends every request for
+    a fresh invoice that the stand-in answers (on the client core, with wrk); the
+    proxy's CPU time per miss is its CPU over the round by the misses it answered. Then
+    rounds of fresh invoices one at a time over one connection (no queueing).
+    """
+    figures, processes, servers, s = results.misses, bench.processes, bench.servers, bench.settings
+    print("misses: starting two proxies, the fast lane on and off ...", flush=True)
+    sides = {
+        LANE_ON: servers.start_proxy(processes, "miss-on", fast_lane=True),
+        LANE_OFF: servers.start_proxy(processes, "miss-off", fast_lane=False),
+    }
+    bench.proxies[PROFILE_MISSES] = sides[LANE_ON]
+    tags = {LANE_ON: "on", LANE_OFF: "off"}
+    attempts = itertools.count()
+
+    def miss_script(side: str) -> Path:
+        """A wrk script over invoices no proxy has seen (a repeated round gets new ones)."""
+        prefix = f"miss-{tags[side]}-{next(attempts)}-"
+        script = servers.workdir / f"{prefix.rstrip('-')}.lua"
+        wrk_miss_script(script, prefix, bench.authorization)
+        return script
+
+    for side, proxy in sides.items():  # open its upstream connections, warm its code
+        bench.wrk(proxy.port, s.warm_wrk_s, script=miss_script(side))
+    bench.quiet.wait()
+
+    def wrk_round(side: str) -> _MissRound:
+        proxy, script = sides[side], miss_script(side)
+        metrics, upstream = proxy.metrics(), servers.standin_stats()["requests"]
+        cpu_before = cpu.cpu_seconds([proxy.pid])
+        rps = bench.wrk(proxy.port, s.miss_duration_s, script=script)
+        time.sleep(0.3)  # the requests wrk left in flight reach the stand-in and return
+        cpu_s = cpu.cpu_seconds([proxy.pid]) - cpu_before
+        after, upstream_after = proxy.metrics(), servers.standin_stats()["requests"]
+        return _MissRound(
+            rps,
+            cpu_s,
+            round(metric_sum(after, _REQUESTS) - metric_sum(metrics, _REQUESTS)),
+            round(_lookups_of(after, "miss") - _lookups_of(metrics, "miss")),
+            round(_lookups_of(after, "hit") - _lookups_of(metrics, "hit")),
+            upstream_after - upstream,
+        )
+
+    print(
+        f"misses: wrk -t1 -c{s.wrk_connections} -d{s.miss_duration_s}s, every request a fresh"
+        " invoice:",
+        flush=True,
+    )
+    figures.throughput = {side: [] for side in LANE_SIDES}
+    figures.cpu_us = {side: [] for side in LANE_SIDES}
+    for round_ in range(1, s.miss_rounds + 1):
+        for side in _rotated(LANE_SIDES, round_):
+            got, load = bench.quiet.measure(side, lambda side=side: wrk_round(side))
+            if got.requests == 0:
+                raise BenchError(f"misses through {side}: the proxy answered nothing")
+            figures.throughput[side].append(got.rps)
+            figures.cpu_us[side].append(got.cpu_s / got.requests * 1e6)
+            figures.misses += got.misses
+            figures.hits += got.hits
+            figures.upstream += got.upstream
+            print(
+                f"  round {round_} {side:15} {got.rps:8,.0f} misses/s,"
+                f" {figures.cpu_us[side][-1]:6.0f} us of proxy CPU a miss;"
+                f" {got.misses:,} misses, {got.upstream:,} upstream, {got.hits} hits"
+                f"  (others: {load.foreign_cores:.2f} cores)",
+                flush=True,
+            )
+
+    n = s.miss_latency_invoices
+
+    def one_by_one(side: str) -> loadgen.Answers:
+        paths = [invoice_path(f"miss-1by1-{tags[side]}-{next(attempts)}-{i}") for i in range(n)]
+        answers = uvloop.run(
+            loadgen.closed_loop(sides[side].port, paths, bench.authorization, connections=1)
+        )
+        check_all_ok(answers, f"misses one at a time through {side}", n)
+        return answers
+
+    print(f"misses: {n} fresh invoices one at a time, each round:", flush=True)
+    for round_ in range(1, s.miss_latency_rounds + 1):
+        for side in _rotated(LANE_SIDES, round_):
+            answers, load = bench.quiet.measure(side, lambda side=side: one_by_one(side))
+            p50, p99 = answers.percentile(0.5) * 1000, answers.percentile(0.99) * 1000
+            figures.latency.setdefault(side, []).append((p50, p99))
+            print(
+                f"  round {round_} {side:15} p50 {p50:6.3f} ms  p99 {p99:6.3f} ms"
+                f"  (others: {load.foreign_cores:.2f} cores)",
+                flush=True,
+            )
+    print(
+        f"  on/off: misses/s {figures.ratio:.3f} (noise ±{figures.noise:.1%}),"
+        f" CPU per miss {figures.cpu_ratio:.3f} (medians of the rounds' ratios)"
+    )
+
+
+@dataclass(frozen=True)
+class _WorkersRound:
+    rps: float
+    proxy_cores: float  # CPU of the proxy's serving processes over the round, in cores
+    wrk_cores: float
+    by_worker: list[int]  # requests each worker answered
+    misses: int
+
+
+def _warm_workers(bench: Bench, proxy: Proxy, attempts: int = 60) -> None:
+    """Each worker has its own cache and the kernel picks the worker of a connection:
+    fetch the hot invoices over new connections until every worker holds them all."""
+    for _ in range(attempts):
+        _fetch_all(bench, proxy.port, bench.hot_paths, proxy.name)
+        entries = [m.get("invoice_proxy_cache_entries", 0.0) for m in proxy.worker_metrics()]
+        if min(entries) >= len(bench.hot_paths):
+            return
+    raise BenchError(
+        f"{proxy.name}: its workers hold {entries} invoices after {attempts} passes, not"
+        f" {len(bench.hot_paths)} each"
+    )
+
+
+def workers_scaling(bench: Bench, results: Results) -> None:
+    """Issue 14: hits/s with `server.workers = 2` against one worker (the proxy of the hit
+    rounds), rounds alternating which goes first.
+
+    The machine has two cores: the one-worker proxy runs on the server core, as
+    everywhere; of the two workers, worker 0 is pinned to the server core and worker 1
+    to the client core, which it shares with wrk (the Linux scheduler splits that core
+    between them). The CPU the proxy's workers and wrk used in each round is measured,
+    so the report can say what the ratio is made of.
+    """
+    figures, processes, servers, s = results.workers, bench.processes, bench.servers, bench.settings
+    print("workers: starting a proxy with server.workers = 2 ...", flush=True)
+    two = servers.start_proxy(
+        processes, "workers-2", workers=2, core=f"{SERVER_CORE},{CLIENT_CORE}"
+    )
+    for core, pid in zip((SERVER_CORE, CLIENT_CORE), two.worker_pids(), strict=True):
+        pin(pid, core)
+    processes.note_children()  # the workers' CPU is the bench's own, not foreign load
+    sides = {ONE_WORKER: servers.proxy, TWO_WORKERS: two}
+    _warm_workers(bench, two)
+    before = _lookups_of(two.metrics(), "miss")
+    bench.wrk(two.port, s.warm_wrk_s)
+    if _lookups_of(two.metrics(), "miss") != before:
+        raise BenchError(f"{two.name}: cache misses while wrk ran over the hot invoices")
+    bench.quiet.wait()
+
+    def wrk_round(side: str) -> _WorkersRound:
+        proxy = sides[side]
+        pids = proxy.worker_pids()
+        metrics = proxy.worker_metrics()
+        cpu_before, wrk_before = cpu.cpu_seconds(pids), cpu.waited_children_seconds()
+        start = time.monotonic()
+        rps = bench.wrk(proxy.port)
+        elapsed = time.monotonic() - start
+        proxy_cpu = cpu.cpu_seconds(pids) - cpu_before
+        wrk_cpu = cpu.waited_children_seconds() - wrk_before
+        after = proxy.worker_metrics()
+        by_worker = [
+            round(metric_sum(a, _REQUESTS) - metric_sum(b, _REQUESTS))
+            for a, b in zip(after, metrics, strict=True)
+        ]
+        misses = sum(
+            round(_lookups_of(a, "miss") - _lookups_of(b, "miss"))
+            for a, b in zip(after, metrics, strict=True)
+        )
+        return _WorkersRound(rps, proxy_cpu / elapsed, wrk_cpu / elapsed, by_worker, misses)
+
+    print(
+        f"workers: hit throughput, wrk -t1 -c{s.wrk_connections} -d{s.wrk_duration_s}s on core"
+        f" {CLIENT_CORE}; one worker on core {SERVER_CORE}, two on cores {SERVER_CORE} and"
+        f" {CLIENT_CORE}:",
+        flush=True,
+    )
+    for side in WORKER_SIDES:
+        figures.throughput[side], figures.proxy_cores[side], figures.wrk_cores[side] = [], [], []
+    for round_ in range(1, s.workers_rounds + 1):
+        for side in _rotated(WORKER_SIDES, round_):
+            got, load = bench.quiet.measure(side, lambda side=side: wrk_round(side))
+            figures.throughput[side].append(got.rps)
+            figures.proxy_cores[side].append(got.proxy_cores)
+            figures.wrk_cores[side].append(got.wrk_cores)
+            figures.misses += got.misses
+            split = ""
+            if side == TWO_WORKERS:
+                figures.split.append(got.by_worker[0] / max(1, sum(got.by_worker)))
+                split = f", worker 0 answered {figures.split[-1]:.0%}"
+            print(
+                f"  round {round_} {side:11} {got.rps:10,.0f} req/s; proxy"
+                f" {got.proxy_cores:.2f} cores, wrk {got.wrk_cores:.2f}{split}"
+                f"  (others: {load.foreign_cores:.2f} cores)",
+                flush=True,
+            )
+    print(
+        f"  two workers / one: {figures.ratio:.3f}; per proxy core {figures.efficiency:.3f};"
+        f" cache misses during the rounds: {figures.misses}"
+    )
 
 
 def memory_fill(bench: Bench, results: Results) -> None:
@@ -476,22 +741,30 @@ def callers_and_tls(bench: Bench, results: Results) -> None:
     )
 
 
-def profile_proxy(bench: Bench) -> profile.Profile | None:
-    """Where the busy proxy's time goes: py-spy while wrk runs over the hot invoices."""
+def profile_proxy(bench: Bench, kind: str = PROFILE_HITS) -> profile.Profile | None:
+    """Where the busy proxy's time goes: py-spy while wrk runs. PROFILE_HITS: the proxy
+    of the hit rounds (the fast lane on) over the hot invoices; PROFILE_MISSES: the
+    miss path's proxy with the fast lane on, every request a fresh invoice."""
     executable = profile.py_spy()
     if executable is None:
         print("py-spy is not installed (.venv/bin/pip install py-spy): no profile")
         return None
     duration = bench.settings.profile_duration_s
-    print(f"profiling the proxy under wrk for {duration} s ...", flush=True)
-    output = bench.servers.workdir / "profile.txt"
+    if kind == PROFILE_HITS:
+        proxy, script = bench.servers.proxy, bench.script
+    else:
+        proxy = bench.proxies[PROFILE_MISSES]
+        script = bench.servers.workdir / "miss-profile.lua"
+        wrk_miss_script(script, "miss-profile-", bench.authorization)
+    print(f"profiling {proxy.name} under wrk ({kind}) for {duration} s ...", flush=True)
+    output = bench.servers.workdir / f"profile-{kind}.txt"
     # py-spy runs on the client core: it must not take the server's CPU.
-    recorder = profile.record(executable, bench.servers.proxy.pid, duration, output)
+    recorder = profile.record(executable, proxy.pid, duration, output)
     with contextlib.suppress(Exception):
         os.sched_setaffinity(recorder.pid, {int(CLIENT_CORE)})
     try:
         time.sleep(0.5)
-        bench.wrk(bench.servers.proxy.port, duration)
+        bench.wrk(proxy.port, duration, script=script)
         _, err = recorder.communicate(timeout=duration + 30)
     finally:
         if recorder.poll() is None:
@@ -510,8 +783,18 @@ def measure(bench: Bench, results: Results, want_profile: bool) -> None:
     hit_throughput(bench, results)
     hit_latency(bench, results)
     fresh_burst(bench, results)
+    miss_path(bench, results)
+    workers_scaling(bench, results)
     fleet(bench, results)
     callers_and_tls(bench, results)
     if want_profile:
-        results.profile = profile_proxy(bench)
+        profile_all(bench, results, (PROFILE_HITS, PROFILE_MISSES))
     memory_fill(bench, results)
+
+
+def profile_all(bench: Bench, results: Results, kinds: tuple[str, ...] | list[str]) -> None:
+    """A profile of each load in `kinds` (PROFILE_HITS, PROFILE_MISSES) into `results`."""
+    for kind in kinds:
+        found = profile_proxy(bench, kind)
+        if found is not None:
+            results.profiles[kind] = found
