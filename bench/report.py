@@ -63,6 +63,8 @@ NOTES_START = "<!-- notes: kept by bench/run.py when it rewrites this file -->"
 NOTES_END = "<!-- /notes -->"
 SOAK_START = "<!-- soak:start -->"  # bench/soak.py's section
 SOAK_END = "<!-- soak:end -->"
+# Sections other commands write, kept as they are when `make bench` rewrites the file.
+KEPT_SECTIONS = ((SOAK_START, SOAK_END), ("<!-- log_lines:start -->", "<!-- log_lines:end -->"))
 
 
 def machine() -> dict[str, str]:
@@ -356,9 +358,10 @@ def write_results(results: Results, facts: dict[str, str]) -> None:
         old = RESULTS.read_text()
         if NOTES_START in old and NOTES_END in old:
             notes = old.split(NOTES_START, 1)[1].split(NOTES_END, 1)[0].strip("\n")
-        if SOAK_START in old and SOAK_END in old:  # `make soak`'s section, kept as it is
-            section = old.split(SOAK_START, 1)[1].split(SOAK_END, 1)[0]
-            soak = f"\n{SOAK_START}{section}{SOAK_END}\n"
+        for start, end in KEPT_SECTIONS:  # `make soak`'s, bench/log_lines.py's
+            if start in old and end in old:
+                section = old.split(start, 1)[1].split(end, 1)[0]
+                soak += f"\n{start}{section}{end}\n"
     machine_lines = "\n".join(f"- {name}: {value}" for name, value in facts.items())
     fleet, s = results.fleet, results.settings
     RESULTS.write_text(
