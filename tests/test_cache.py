@@ -155,7 +155,8 @@ async def test_eviction_by_bytes_keeps_exactly_what_fits(
 
     fits = 10
     largest = max(entry_size(i) for i in range(fits + 3))
-    proxy = await make_proxy(cache={"max_bytes": largest * fits + 10})
+    # Without the fast lane: an entry then holds no prepared answer (tests/test_lane.py).
+    proxy = await make_proxy(cache={"max_bytes": largest * fits + 10}, server={"fast_lane": False})
     for i in range(fits + 3):
         await get(proxy, f"inv_{i:03d}")
     assert metric(proxy, "invoice_proxy_cache_entries") == fits
@@ -171,7 +172,7 @@ async def test_recently_read_entries_survive_eviction(
     make_proxy: ProxyFactory, upstream: Upstream
 ) -> None:
     entry_size = len(json.dumps(make_invoice("inv_000")).encode()) + 11 + ENTRY_OVERHEAD
-    proxy = await make_proxy(cache={"max_bytes": entry_size * 3})
+    proxy = await make_proxy(cache={"max_bytes": entry_size * 3}, server={"fast_lane": False})
     for i in range(3):
         await get(proxy, f"inv_{i:03d}")
     await get(proxy, "inv_000")  # now the most recently used

@@ -10,7 +10,7 @@ import pytest
 
 from proxy.app import LANE
 
-from .helpers import BILLING_KEY, ProxyFactory, invoice_path
+from .helpers import BILLING_KEY, ProxyFactory, get, invoice_path, metric
 
 DATE = re.compile(rb"\r\nDate: [^\r]*\r\n")
 GENERATED_ID = re.compile(rb"\r\nX-Request-ID: [0-9a-f]{32}\r\n")
@@ -81,3 +81,18 @@ async def test_a_hit_is_answered_by_the_lane_with_aiohttps_bytes(
     assert lane.answered > before
     assert normalised(got) == normalised(expected)
     assert LANE not in without.app
+
+
+async def test_an_entrys_prepared_answer_counts_against_the_cache_size(
+    make_proxy: ProxyFactory,
+) -> None:
+    with_lane = await make_proxy()
+    without = await make_proxy(server={"fast_lane": False})
+    sizes = []
+    for proxy in (with_lane, without):
+        response = await get(proxy)
+        assert response.headers["X-Cache"] == "MISS"
+        sizes.append(metric(proxy, "invoice_proxy_cache_bytes"))
+    head_bytes = len(b"HTTP/1.1 200 OK\r\nETag: \r\nCache-Control: \r\nX-Cache: HIT\r\n")
+    # The fixed part of the answer's head, at least, and no more than a small allowance.
+    assert head_bytes + len(response.headers["ETag"]) < sizes[0] - sizes[1] < 1024
