@@ -49,7 +49,9 @@ UPSTREAM_HEADER = f"{TOKEN_ID}:{TOKEN}"
 BILLING_KEY = "billing-KEY-0123456789abcdefghijklmnopqrstuvwxyz"
 REPORTING_KEY = "reporting-KEY-0123456789abcdefghijklmnopqrstuvwx"
 ADMIN_KEY = "admin-KEY-0123456789abcdefghijklmnopqrstuvwxyzAB"
-SECRETS = (TOKEN, BILLING_KEY, REPORTING_KEY, ADMIN_KEY)
+# A caller a test gives a tiny rate of its own (not among config_dict's callers).
+METERED_KEY = "metered-KEY-0123456789abcdefghijklmnopqrstuvwxy"
+SECRETS = (TOKEN, BILLING_KEY, REPORTING_KEY, ADMIN_KEY, METERED_KEY)
 
 
 def bearer(key: str) -> dict[str, str]:
