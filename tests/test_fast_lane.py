@@ -746,7 +746,7 @@ CUT_AFTER_MISS = (
     len(Ask(invoice=NEW[1]).render() + HIT.render()),
 )
 DIFFERENTIAL = settings(
-    max_examples=120,
+    max_examples=100,
     deadline=None,
     derandomize=True,  # the same streams every run (and no example database)
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
