@@ -304,7 +304,9 @@ async def running_proxy(
 
     By default behind aiohttp's test servers (`api`, `admin` are `TestClient`s); with
     `listen`, on the service's own listener (`ProxyRunner`: its header limits, timeouts
-    and protocol), with `api`, `admin` plain client sessions on its ports.
+    and protocol), with `api`, `admin` plain client sessions on its ports (HTTPS with
+    `[server.tls]`, the admin listener's with its `admin`; the sessions do not trust the
+    test's CA: a test brings its own client context).
     """
     app = init_app(config, source=source, metrics=metrics, clock=clock)
     async with AsyncExitStack() as stack:
@@ -315,8 +317,15 @@ async def running_proxy(
                 runner = ProxyRunner(served, config.server, served.get(LANE))
                 await runner.setup()
                 stack.push_async_callback(runner.cleanup)
-                port = await runner.listen("127.0.0.1", 0)
-                session = aiohttp.ClientSession(f"http://127.0.0.1:{port}")
+                tls = config.server.tls
+                context = None
+                if tls is not None and (served is app or tls.admin):
+                    from proxy.app import TLS
+
+                    context = app[TLS].context  # loaded by the application's start-up
+                port = await runner.listen("127.0.0.1", 0, ssl_context=context)
+                scheme = "https" if context is not None else "http"
+                session = aiohttp.ClientSession(f"{scheme}://127.0.0.1:{port}")
                 clients.append(await stack.enter_async_context(session))
             else:
                 client = await stack.enter_async_context(TestClient(TestServer(served)))
