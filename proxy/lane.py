@@ -42,9 +42,8 @@ from .handlers import etag_matches, peercert
 from .metrics import Metrics
 from .middleware import log_request, request_id_for
 
-# Bytes no clean head holds: beyond printable ASCII and tab, a CR or LF that is not part
-# of CRLF, or a folded line (obs-fold).
-_ODD = re.compile(rb"[^\t\r\n\x20-\x7e]|\r(?!\n)|(?<!\r)\n|\n[\t ]")
+# The bytes of a clean head but for its CRLFs: printable ASCII and tab.
+_PRINTABLE = bytes([9, *range(0x20, 0x7F)])
 _CLEAN_URL = re.compile(rb"/[A-Za-z0-9/_.~-]*(?:\?[A-Za-z0-9=&_.~-]*)?")
 _INVOICE = re.compile(rb"/v1/organizations/([A-Za-z0-9_-]{1,64})/invoices/([A-Za-z0-9_-]{1,64})")
 # Headers that give a request a body or another protocol, or that aiohttp acts on
@@ -58,14 +57,17 @@ _NOT_CLEAN = frozenset(
 _CONNECTION = frozenset({b"keep-alive", b"close"})
 _METHODS = (b"GET /", b"HEAD /")
 _HEAD_END = b"\r\n\r\n"
+# What llhttp raises for a head it refuses, or for an upgrade (a callback's own error,
+# such as a value that is not ASCII, comes wrapped as HttpParserCallbackError).
+_REFUSED = (httptools.HttpParserError, httptools.HttpParserUpgrade)
 
 
 class Head:
     """One request head as llhttp read it."""
 
     __slots__ = (
-        "authorization", "end", "error", "headers", "if_none_match", "keep_alive", "method",
-        "request_id", "url", "version",
+        "authorization", "end", "error", "headers", "if_none_match", "invoice", "keep_alive",
+        "method", "request_id", "url", "version",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -79,6 +81,8 @@ class Head:
         self.version = ""
         self.keep_alive = True
         self.end = 0  # where it ends in the read that completed it; 0: it began before
+        # The path's organization and id when it is exactly the invoice path.
+        self.invoice: re.Match[bytes] | None = None
 
 
 class HeadReader:
@@ -102,7 +106,8 @@ class HeadReader:
 
     # llhttp's callbacks (httptools assembles each header before calling on_header).
     def on_url(self, url: bytes) -> None:
-        self._current.url += url
+        head = self._current
+        head.url = head.url + url if head.url else url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         head = self._current
@@ -135,6 +140,16 @@ class HeadReader:
     def read(self, data: bytes) -> list[Head] | None:
         """The heads `data` completes, in order; None: not clean, aiohttp's from now on."""
         pending = self._pending
+        if not pending and data.find(_HEAD_END) == len(data) - 4:
+            # Nearly every read: one whole head, alone.
+            try:
+                head = self._complete_head(data, data)
+            except _REFUSED:
+                return None
+            if head is None:
+                return None
+            head.end = len(data)
+            return [head]
         buffer = pending + data if pending else data
         carried = len(pending)
         heads: list[Head] = []
@@ -155,7 +170,7 @@ class HeadReader:
                 head.end = end - carried if start >= carried else 0
                 heads.append(head)
                 start = end
-        except (httptools.HttpParserError, UnicodeDecodeError):
+        except _REFUSED:
             return None
         self._pending = b""
         return heads
@@ -164,7 +179,7 @@ class HeadReader:
         if (
             len(head_bytes) > self._max_bytes
             or not head_bytes.startswith(_METHODS)
-            or _ODD.search(head_bytes) is not None
+            or not _plain(head_bytes)
         ):
             return None
         self._complete = 0
@@ -176,8 +191,10 @@ class HeadReader:
             or head.error
             or head.version not in ("1.1", "1.0")
             or (head.version == "1.1" and b"host" not in head.headers)
-            or _CLEAN_URL.fullmatch(head.url) is None
         ):
+            return None
+        head.invoice = invoice = _INVOICE.fullmatch(head.url)
+        if invoice is None and _CLEAN_URL.fullmatch(head.url) is None:
             return None
         return head
 
@@ -188,11 +205,21 @@ class HeadReader:
             return False
         if not (tail.startswith(_METHODS) or any(m.startswith(tail) for m in _METHODS)):
             return False
-        if _ODD.search(tail[:-1] if tail.endswith(b"\r") else tail) is not None:
+        if not _plain(tail[:-1] if tail.endswith(b"\r") else tail):
             return False
         self._complete = 0
         self._parser.feed_data(new)
         return self._complete == 0 and not self._current.error
+
+
+def _plain(data: bytes) -> bool:
+    """Printable ASCII and tabs in CRLF-ended lines, none of them folded (obs-fold): no
+    other control byte, no CR or LF but in CRLF, no line that starts with a space or tab."""
+    return (
+        not data.replace(b"\r\n", b"").translate(None, _PRINTABLE)
+        and b"\n " not in data
+        and b"\n\t" not in data
+    )
 
 
 class Prepared:
@@ -259,7 +286,7 @@ class FastLane:
         """The whole answer to `head` when it is a hit the lane may serve, else None
         (nothing was changed: aiohttp answers it as if the lane had not looked)."""
         start = time.perf_counter()
-        match = _INVOICE.fullmatch(head.url)
+        match = head.invoice
         if match is None:
             return None
         authorization = head.authorization

@@ -188,7 +188,14 @@ class _Protocol(RequestHandler):
         for head in heads:
             if not head.end or not self._idle():
                 break
-            answer = self._lane.answer(head, self.transport)
+            try:
+                answer = self._lane.answer(head, self.transport)
+            except Exception:
+                # A bug in the lane: nothing of this answer was written; aiohttp answers
+                # it, and the rest of the connection.
+                log.exception("fast_lane_failed")
+                self._reader = None
+                break
             if answer is None:
                 break
             assert self.transport is not None  # _idle: the connection is open

@@ -96,3 +96,19 @@ async def test_an_entrys_prepared_answer_counts_against_the_cache_size(
     head_bytes = len(b"HTTP/1.1 200 OK\r\nETag: \r\nCache-Control: \r\nX-Cache: HIT\r\n")
     # The fixed part of the answer's head, at least, and no more than a small allowance.
     assert head_bytes + len(response.headers["ETag"]) < sizes[0] - sizes[1] < 1024
+
+
+async def test_a_failure_in_the_lane_leaves_the_request_to_aiohttp(
+    make_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proxy = await make_proxy(listen=True)
+    await exchange(proxy.port, head(extra="Connection: close\r\n"))  # the miss
+
+    def broken(*_args: object) -> bytes:
+        raise RuntimeError("a bug in the lane")
+
+    monkeypatch.setattr(proxy.app[LANE], "answer", broken)
+    answer = await exchange(proxy.port, head() + head(extra="Connection: close\r\n"))
+    assert answer.count(b"HTTP/1.1 200 OK\r\n") == 2
+    assert answer.count(b"X-Cache: HIT\r\n") == 2
+    assert "fast_lane_failed" in capsys.readouterr().out
