@@ -12,6 +12,7 @@ import os
 import platform
 import statistics
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 
 import aiohttp
@@ -92,6 +93,11 @@ def machine() -> dict[str, str]:
         "nginx": nginx_version.removeprefix("nginx version: "),
         "wrk": wrk_version.split("[", 1)[0].strip() or "wrk",
     }
+
+
+def _row(label: str, cells: Iterable[str]) -> str:
+    """One Markdown table row."""
+    return f"| {label} | " + " | ".join(cells) + " |"
 
 
 def _rounds(values: list[float], fmt: str = ",.0f") -> str:
@@ -177,24 +183,26 @@ def misses_lines(misses: Misses, s: Settings) -> str:
     """The miss path's figures (Markdown): the fast lane on against off."""
     n = s.miss_latency_invoices
     lines = [
-        "| misses, every request a fresh invoice | " + " | ".join(LANE_SIDES) + " |",
+        _row("misses, every request a fresh invoice", LANE_SIDES),
         "| --- |" + " ---: |" * len(LANE_SIDES),
-        f"| misses/s under wrk (median of {s.miss_rounds} rounds) | "
-        + " | ".join(f"{misses.median(side):,.0f}" for side in LANE_SIDES)
-        + " |",
-        "|   rounds | "
-        + " | ".join(_rounds(misses.throughput[side]) for side in LANE_SIDES)
-        + " |",
-        "| the proxy's CPU per miss, us (median) | "
-        + " | ".join(f"{misses.median(side, 'cpu'):,.0f}" for side in LANE_SIDES)
-        + " |",
-        "|   rounds | " + " | ".join(_rounds(misses.cpu_us[side]) for side in LANE_SIDES) + " |",
-        f"| one at a time: p50, ms (median of {s.miss_latency_rounds} rounds of {n:,}) | "
-        + " | ".join(f"{misses.p(side, 0.5):.3f}" for side in LANE_SIDES)
-        + " |",
-        f"| one at a time: p99, ms (median of {s.miss_latency_rounds}) | "
-        + " | ".join(f"{misses.p(side, 0.99):.3f}" for side in LANE_SIDES)
-        + " |",
+        _row(
+            f"misses/s under wrk (median of {s.miss_rounds} rounds)",
+            (f"{misses.median(side):,.0f}" for side in LANE_SIDES),
+        ),
+        _row("  rounds", (_rounds(misses.throughput[side]) for side in LANE_SIDES)),
+        _row(
+            "the proxy's CPU per miss, us (median)",
+            (f"{misses.median(side, 'cpu'):,.0f}" for side in LANE_SIDES),
+        ),
+        _row("  rounds", (_rounds(misses.cpu_us[side]) for side in LANE_SIDES)),
+        _row(
+            f"one at a time: p50, ms (median of {s.miss_latency_rounds} rounds of {n:,})",
+            (f"{misses.p(side, 0.5):.3f}" for side in LANE_SIDES),
+        ),
+        _row(
+            f"one at a time: p99, ms (median of {s.miss_latency_rounds})",
+            (f"{misses.p(side, 0.99):.3f}" for side in LANE_SIDES),
+        ),
         "",
         f"Fast lane on / off, medians of the rounds' ratios: misses/s **{misses.ratio:.3f}**"
         f" (rounds: {_rounds(misses.ratios(), '.3f')}; target: at least"
@@ -211,23 +219,25 @@ def misses_lines(misses: Misses, s: Settings) -> str:
 def workers_lines(workers: Workers, s: Settings) -> str:
     """The workers' figures (Markdown): two workers against one."""
     lines = [
-        "| hit throughput | " + " | ".join(WORKER_SIDES) + " |",
+        _row("hit throughput", WORKER_SIDES),
         "| --- |" + " ---: |" * len(WORKER_SIDES),
-        f"| req/s (median of {s.workers_rounds} rounds) | "
-        + " | ".join(f"{workers.median(side):,.0f}" for side in WORKER_SIDES)
-        + " |",
-        "|   rounds | "
-        + " | ".join(_rounds(workers.throughput[side]) for side in WORKER_SIDES)
-        + " |",
-        "| CPU of the proxy's workers, cores (median) | "
-        + " | ".join(f"{workers.median(side, 'proxy'):.2f}" for side in WORKER_SIDES)
-        + " |",
-        "| CPU of wrk, cores (median) | "
-        + " | ".join(f"{workers.median(side, 'wrk'):.2f}" for side in WORKER_SIDES)
-        + " |",
-        "| hits per second of proxy CPU (median) | "
-        + " | ".join(f"{statistics.median(workers.per_core(side)):,.0f}" for side in WORKER_SIDES)
-        + " |",
+        _row(
+            f"req/s (median of {s.workers_rounds} rounds)",
+            (f"{workers.median(side):,.0f}" for side in WORKER_SIDES),
+        ),
+        _row("  rounds", (_rounds(workers.throughput[side]) for side in WORKER_SIDES)),
+        _row(
+            "CPU of the proxy's workers, cores (median)",
+            (f"{workers.median(side, 'proxy'):.2f}" for side in WORKER_SIDES),
+        ),
+        _row(
+            "CPU of wrk, cores (median)",
+            (f"{workers.median(side, 'wrk'):.2f}" for side in WORKER_SIDES),
+        ),
+        _row(
+            "hits per second of proxy CPU (median)",
+            (f"{statistics.median(workers.per_core(side)):,.0f}" for side in WORKER_SIDES),
+        ),
         "",
         f"Two workers / one, median of the rounds' ratios: **{workers.ratio:.2f}** (rounds:"
         f" {_rounds(workers.ratios, '.3f')}; target {TARGET_WORKERS_RATIO}). Hits per proxy"
