@@ -135,15 +135,37 @@ class Authenticator:
         """The caller named without verifying anything new (a key, a JWT remembered
         until its `exp`, a certificate URI), and how; None: not known this way."""
         if authorization is None:
-            for uri in certificate_uris(peercert):
-                caller = self._by_uri.get(uri)
-                if caller is not None:
-                    return caller, CERTIFICATE
-            return None
+            return self._by_certificate(peercert)
         key = _bearer(authorization)
-        if not key:
-            return None
-        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+        return self._by_digest_of(_digest(key)) if key else None
+
+    async def authenticate(
+        self, authorization: str | None, peercert: dict[str, Any] | None = None
+    ) -> tuple[Caller, str]:
+        """The caller, and how it authenticated (`KEY`, `JWT`, `CERTIFICATE`); else 401."""
+        if authorization is None:
+            found = self._by_certificate(peercert)
+        else:
+            key = _bearer(authorization)
+            if not key:
+                raise errors.unauthorized()
+            digest = _digest(key)
+            found = self._by_digest_of(digest)
+            if found is None and self._tokens is not None:
+                return await self._verify(key, digest), JWT
+        if found is None:
+            raise errors.unauthorized()
+        return found
+
+    def _by_certificate(self, peercert: dict[str, Any] | None) -> tuple[Caller, str] | None:
+        for uri in certificate_uris(peercert):
+            caller = self._by_uri.get(uri)
+            if caller is not None:
+                return caller, CERTIFICATE
+        return None
+
+    def _by_digest_of(self, digest: bytes) -> tuple[Caller, str] | None:
+        """A key's caller, or a JWT's remembered until its `exp`, by the bearer's digest."""
         found = self._by_digest.get(digest)
         if found is not None and hmac.compare_digest(found[0], digest):
             return found[1], KEY
@@ -154,19 +176,6 @@ class Authenticator:
                 return remembered[1], JWT
             del self._remembered[digest]
         return None
-
-    async def authenticate(
-        self, authorization: str | None, peercert: dict[str, Any] | None = None
-    ) -> tuple[Caller, str]:
-        """The caller, and how it authenticated (`KEY`, `JWT`, `CERTIFICATE`); else 401."""
-        known = self.known(authorization, peercert)
-        if known is not None:
-            return known
-        key = _bearer(authorization) if authorization is not None else ""
-        if not key or self._tokens is None:
-            raise errors.unauthorized()
-        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
-        return await self._verify(key, digest), JWT
 
     async def _verify(self, token: str, digest: bytes) -> Caller:
         assert self._tokens is not None
@@ -188,6 +197,10 @@ class Authenticator:
     def _refused(self, reason: str) -> None:
         if self._metrics is not None:
             self._metrics.jwt_refusals.labels(reason=reason).inc()
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
 
 
 def _bearer(authorization: str) -> str:
