@@ -140,7 +140,7 @@ class HeadReader:
     def read(self, data: bytes) -> list[Head] | None:
         """The heads `data` completes, in order; None: not clean, aiohttp's from now on."""
         pending = self._pending
-        if not pending and data.find(_HEAD_END) == len(data) - 4:
+        if not pending and data.endswith(_HEAD_END) and data.find(_HEAD_END) == len(data) - 4:
             # Nearly every read: one whole head, alone.
             try:
                 head = self._complete_head(data, data)

@@ -112,3 +112,25 @@ async def test_a_failure_in_the_lane_leaves_the_request_to_aiohttp(
     assert answer.count(b"HTTP/1.1 200 OK\r\n") == 2
     assert answer.count(b"X-Cache: HIT\r\n") == 2
     assert "fast_lane_failed" in capsys.readouterr().out
+
+
+async def test_after_a_head_split_over_reads_the_lane_answers_the_next_hit(
+    make_proxy: ProxyFactory,
+) -> None:
+    proxy = await make_proxy(listen=True)
+    await exchange(proxy.port, head(extra="Connection: close\r\n"))  # the miss
+    lane = proxy.app[LANE]
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        request = head()
+        for piece in (request[:3], request[3:], request):  # a tiny first read, then whole
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        async with asyncio.timeout(5):
+            answers = b""
+            while answers.count(b"X-Cache: HIT") < 2:
+                answers += await reader.read(65536)
+    finally:
+        writer.close()
+    assert lane.answered == 1  # the split head was aiohttp's, the whole one the lane's
