@@ -14,7 +14,12 @@ method but GET and HEAD).
 
 One case aiohttp makes impossible to answer: when a read holds a complete request and
 then a malformed one, its parser raises for the whole read and the complete request is
-lost with it; only the 400 is answered, and the connection is closed.
+lost with it; only the 400 is answered, and the connection is closed. The fast lane
+keeps that answer: it judges a read whole before it answers from it.
+
+With `server.fast_lane`, each read of an API connection is shown to `proxy.lane` first
+(`_Protocol.data_received`): the hits it answers never reach aiohttp's parser, and
+everything else is fed to aiohttp in order, at request boundaries both agree on.
 """
 
 from __future__ import annotations
