@@ -191,7 +191,7 @@ async def measure(
             for variant in variants:
                 variant.seconds.append(await _cpu_per_line(variant.logger(), lines, batch))
     finally:
-        structlog.reset_defaults()
+        proxy_logging.reset()
         proxy_logging.flush_logs()
     return variants
 

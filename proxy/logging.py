@@ -280,6 +280,39 @@ def _whole_lines(lines: list[bytes], limit: int) -> Iterator[bytes]:
 
 
 _writer: LineWriter | None = None
+_generation = 0  # of the configuration: `configure` and `reset` start a new one
+
+
+class BoundOnce:
+    """A logger bound once per configuration, for a line logged at every request.
+
+    structlog's performance advice: the lazy proxy that `get_logger` returns assembles
+    (or looks up) a bound logger at every call, so a line logged often goes through a
+    logger bound once. This is that logger, bound again after `configure` or `reset`.
+    Binding keeps a reference to the configured processor list, which
+    `structlog.testing.capture_logs` edits in place, so captures still see the line.
+    """
+
+    __slots__ = ("_generation", "_logger", "_name")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._generation = -1
+        self._logger: Any = None
+
+    def get(self) -> Any:
+        if self._generation != _generation:
+            self._logger = structlog.get_logger(self._name).bind()
+            self._generation = _generation
+        return self._logger
+
+
+def reset() -> None:
+    """structlog's defaults again (tests): use this, not `structlog.reset_defaults()`,
+    so loggers bound once (`BoundOnce`) are bound again."""
+    global _generation
+    structlog.reset_defaults()
+    _generation += 1
 
 
 def flush_logs() -> None:
@@ -305,9 +338,10 @@ def configure(
         if fmt == "console"
         else [render_json]
     )
-    global _writer
+    global _writer, _generation
     if _writer is not None:
         _writer.flush()
+    _generation += 1
     _writer = writer = LineWriter(_binary(stream or sys.stdout))
     structlog.configure(
         processors=[

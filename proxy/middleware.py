@@ -19,11 +19,13 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from . import errors
+from . import logging as proxy_logging
 from .errors import ProxyError, error_response
 from .metrics import Metrics
 from .upstream import UpstreamFailure
 
 log = structlog.get_logger("proxy.access")
+_request_log = proxy_logging.BoundOnce("proxy.access")  # the line of every request
 
 # Facts the handler learns, for the middleware's log line and metrics.
 CALLER = web.RequestKey("caller", str)
@@ -74,7 +76,7 @@ def log_request(
     seconds: float,
 ) -> None:
     """The one log line of an answered request (aiohttp's, or the fast lane's: `proxy.lane`)."""
-    log.info(
+    _request_log.get().info(
         "request",
         request_id=request_id,
         method=method,

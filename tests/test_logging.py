@@ -27,7 +27,7 @@ def written(emit: Callable[[Any], None], fmt: str = "json") -> bytes:
     try:
         emit(structlog.get_logger("proxy"))
     finally:
-        structlog.reset_defaults()
+        proxy_logging.reset()
     proxy_logging.flush_logs()
     return stream.getvalue()
 
@@ -163,7 +163,7 @@ def test_a_text_stream_receives_the_same_lines() -> None:
     try:
         structlog.get_logger("proxy").info("started", port=8080, where="Zürich")
     finally:
-        structlog.reset_defaults()
+        proxy_logging.reset()
     proxy_logging.flush_logs()
     assert text.getvalue().count("\n") == 1
     assert json.loads(text.getvalue())["where"] == "Zürich"
@@ -178,7 +178,7 @@ def test_what_was_printed_before_the_configuration_comes_first() -> None:
     try:
         structlog.get_logger("proxy").info("started")
     finally:
-        structlog.reset_defaults()
+        proxy_logging.reset()
     proxy_logging.flush_logs()
     first, second = raw.getvalue().splitlines()
     assert first == b"banner" and json.loads(second)["event"] == "started"
@@ -209,7 +209,7 @@ async def test_a_loop_turns_lines_go_out_in_whole_lines_of_at_most_pipe_buf_byte
         assert stream.writes == []  # written at the end of the loop's turn
         await asyncio.sleep(0)
     finally:
-        structlog.reset_defaults()
+        proxy_logging.reset()
     assert len(stream.writes) > 1
     assert all(len(chunk) <= select.PIPE_BUF and chunk.endswith(b"\n") for chunk in stream.writes)
     lines = b"".join(stream.writes).splitlines()

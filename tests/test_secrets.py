@@ -77,7 +77,7 @@ async def test_no_secret_in_logs_metrics_or_responses(
         seen.append(await (await proxy.admin.get("/metrics")).text())
         seen.append(await (await proxy.admin.get("/readyz")).text())
     finally:
-        structlog.reset_defaults()
+        proxy_logging.reset()
     proxy_logging.flush_logs()
     logs = output.getvalue()
     events = [json.loads(line)["event"] for line in logs.splitlines()]
@@ -142,7 +142,7 @@ def rendered(**fields: object) -> str:
     try:
         structlog.get_logger("proxy").error("oops", **fields)
     finally:
-        structlog.reset_defaults()
+        proxy_logging.reset()
     proxy_logging.flush_logs()
     return stream.getvalue()
 
