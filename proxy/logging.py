@@ -20,7 +20,7 @@ import re
 import select
 import sys
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import IO, Any, Protocol, cast
 
 import orjson
@@ -284,27 +284,66 @@ _generation = 0  # of the configuration: `configure` and `reset` start a new one
 
 
 class BoundOnce:
-    """A logger bound once per configuration, for a line logged at every request.
+    """A logger bound once per configuration, for the line logged at every request.
 
     structlog's performance advice: the lazy proxy that `get_logger` returns assembles
     (or looks up) a bound logger at every call, so a line logged often goes through a
     logger bound once. This is that logger, bound again after `configure` or `reset`.
     Binding keeps a reference to the configured processor list, which
     `structlog.testing.capture_logs` edits in place, so captures still see the line.
+
+    `info(event, fields)` is `logger.info(event, **fields)`; with the wrapper class
+    `configure` sets, it hands `fields` to the processors without re-packing them.
     """
 
-    __slots__ = ("_generation", "_logger", "_name")
+    __slots__ = ("_generation", "_info", "_name")
 
     def __init__(self, name: str) -> None:
         self._name = name
         self._generation = -1
-        self._logger: Any = None
+        self._info: Callable[[str, dict[str, Any]], None] = _unbound
 
-    def get(self) -> Any:
+    def info(self, event: str, fields: dict[str, Any]) -> None:
         if self._generation != _generation:
-            self._logger = structlog.get_logger(self._name).bind()
-            self._generation = _generation
-        return self._logger
+            self._bind()
+        self._info(event, fields)
+
+    def _bind(self) -> None:
+        logger = structlog.get_logger(self._name).bind()
+        line = getattr(logger, "line", None)
+        if line is None:  # structlog's own wrapper class (no `configure` yet)
+
+            def line(event: str, fields: dict[str, Any]) -> None:
+                logger.info(event, **fields)
+
+        self._info = line
+        self._generation = _generation
+
+
+def _unbound(event: str, fields: dict[str, Any]) -> None:
+    raise AssertionError("BoundOnce.info binds first")
+
+
+def _wrapper_class(level: int) -> type[Any]:
+    """`make_filtering_bound_logger(level)` with `line`, the `BoundOnce` fast path.
+
+    `line(event, fields)` does what `info(event, **fields)` does, through structlog's
+    own `_process_event` (the hook structlog documents for custom wrapper classes),
+    without the two re-packings of the fields on the way there.
+    """
+    base: Any = structlog.make_filtering_bound_logger(level)
+
+    def line(self: Any, event: str, fields: dict[str, Any]) -> None:
+        try:
+            args, kw = self._process_event("info", event, fields)
+        except structlog.DropEvent:
+            return
+        self._logger.info(*args, **kw)
+
+    def filtered(self: Any, event: str, fields: dict[str, Any]) -> None:
+        return None
+
+    return type(base.__name__, (base,), {"line": line if level <= logging.INFO else filtered})
 
 
 def reset() -> None:
@@ -352,9 +391,7 @@ def configure(
             redact_secrets,
             *renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            getattr(logging, level.upper(), logging.INFO)
-        ),
+        wrapper_class=_wrapper_class(getattr(logging, level.upper(), logging.INFO)),
         logger_factory=lambda *_args: writer,
         cache_logger_on_first_use=cache,
     )

@@ -76,17 +76,19 @@ def log_request(
     seconds: float,
 ) -> None:
     """The one log line of an answered request (aiohttp's, or the fast lane's: `proxy.lane`)."""
-    _request_log.get().info(
+    _request_log.info(
         "request",
-        request_id=request_id,
-        method=method,
-        caller=caller,
-        auth=auth,
-        organization=organization,
-        invoice_id=invoice_id,
-        status=status,
-        cache=cache,
-        duration_ms=round(seconds * 1000, 3),
+        {
+            "request_id": request_id,
+            "method": method,
+            "caller": caller,
+            "auth": auth,
+            "organization": organization,
+            "invoice_id": invoice_id,
+            "status": status,
+            "cache": cache,
+            "duration_ms": round(seconds * 1000, 3),
+        },
     )
 
 

@@ -214,3 +214,56 @@ async def test_a_loop_turns_lines_go_out_in_whole_lines_of_at_most_pipe_buf_byte
     assert all(len(chunk) <= select.PIPE_BUF and chunk.endswith(b"\n") for chunk in stream.writes)
     lines = b"".join(stream.writes).splitlines()
     assert [json.loads(line)["request_id"] for line in lines] == [f"r{i}" for i in range(200)]
+
+
+REQUEST_LINE = st.fixed_dictionaries(
+    {
+        "request_id": st.text(min_size=1, max_size=40),
+        "method": st.sampled_from(["GET", "HEAD"]),
+        "caller": st.text(max_size=20),
+        "auth": st.sampled_from(["key", "jwt", "certificate", None]),
+        "organization": st.one_of(st.none(), st.text(max_size=64)),
+        "invoice_id": st.one_of(st.none(), st.text(max_size=64)),
+        "status": st.integers(100, 599),
+        "cache": st.sampled_from(["hit", "miss", "stale", "coalesced", "none"]),
+        "seconds": st.floats(0, 100),
+    }
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(fields=REQUEST_LINE, fmt=st.sampled_from(["json", "console"]))
+def test_the_request_line_is_the_line_of_an_info_call(fields: dict[str, Any], fmt: str) -> None:
+    """`middleware.log_request` (a logger bound once, `BoundOnce`) writes what a plain
+    `info("request", ...)` writes: the same processors, redaction and renderer."""
+    from proxy.middleware import log_request
+
+    named = {k: v for k, v in fields.items() if k != "seconds"}
+    named["duration_ms"] = round(fields["seconds"] * 1000, 3)
+    fast = written(lambda _log: log_request(**fields), fmt)
+    plain = written(lambda log: log.info("request", **named), fmt)
+    if fmt == "json":
+        assert without_timestamp(one_line(fast)) == without_timestamp(one_line(plain))
+    else:  # the console line starts with its timestamp
+        assert fast.split(b" ", 1)[1] == plain.split(b" ", 1)[1]
+
+
+def test_the_request_line_follows_the_configured_level_and_each_configuration() -> None:
+    from proxy.middleware import log_request
+
+    fields = {
+        "request_id": "r1", "method": "GET", "caller": "billing", "auth": "key",
+        "organization": "acme", "invoice_id": "inv_1", "status": 200, "cache": "hit",
+        "seconds": 0.001,
+    }  # fmt: skip
+    for level, lines in (("warning", 0), ("info", 1), ("warning", 0), ("debug", 1)):
+        stream = io.BytesIO()
+        proxy_logging.configure(level, "json", stream=stream, cache=True)
+        try:
+            log_request(**fields)  # type: ignore[arg-type]
+        finally:
+            proxy_logging.reset()
+        proxy_logging.flush_logs()
+        assert stream.getvalue().count(b"\n") == lines, level
+        if lines:
+            assert one_line(stream.getvalue())["request_id"] == "r1"
