@@ -241,3 +241,16 @@ def test_fields_the_code_fills_itself_are_not_scanned() -> None:
     line = json.loads(rendered(invoice_id=hex_id, request_id=hex_id[:32], error=hex_id))
     assert line["invoice_id"] == hex_id and line["request_id"] == hex_id[:32]
     assert line["error"] == "[redacted]"
+
+
+def test_no_trusted_field_name_is_secret_named() -> None:
+    """A line of trusted fields only skips the scan (the request line): none of their
+    names may be one whose value is masked whatever it holds."""
+    assert not [
+        name
+        for name in proxy_logging._TRUSTED_VALUES
+        if proxy_logging._kind(name) == proxy_logging._SECRET
+    ]
+    line = json.loads(rendered(request_id="r", caller="billing", status=200))
+    assert line["caller"] == "billing"
+    assert json.loads(rendered(request_id="r", token="t"))["token"] == "[redacted]"
