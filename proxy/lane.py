@@ -44,6 +44,9 @@ from .middleware import log_request, request_id_for
 
 # The bytes of a clean head but for its CRLFs: printable ASCII and tab.
 _PRINTABLE = bytes([9, *range(0x20, 0x7F)])
+# A whole clean head, as `_plain` tests it (one pass instead of four): CRLF lines of
+# printable ASCII and tabs, none starting with a space or tab, and the blank line.
+_PLAIN_HEAD = re.compile(rb"(?:[!-~][\t -~]*\r\n)+\r\n")
 _CLEAN_URL = re.compile(rb"/[A-Za-z0-9/_.~-]*(?:\?[A-Za-z0-9=&_.~-]*)?")
 _INVOICE = re.compile(rb"/v1/organizations/([A-Za-z0-9_-]{1,64})/invoices/([A-Za-z0-9_-]{1,64})")
 # Headers that give a request a body or another protocol, or that aiohttp acts on
@@ -179,7 +182,7 @@ class HeadReader:
         if (
             len(head_bytes) > self._max_bytes
             or not head_bytes.startswith(_METHODS)
-            or not _plain(head_bytes)
+            or _PLAIN_HEAD.fullmatch(head_bytes) is None
         ):
             return None
         self._complete = 0

@@ -7,7 +7,10 @@ import asyncio
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from proxy import lane as lane_module
 from proxy.app import LANE
 
 from .helpers import BILLING_KEY, ProxyFactory, get, invoice_path, metric
@@ -134,3 +137,20 @@ async def test_after_a_head_split_over_reads_the_lane_answers_the_next_hit(
     finally:
         writer.close()
     assert lane.answered == 1  # the split head was aiohttp's, the whole one the lane's
+
+
+# Bytes that matter to a head's cleanness, often: line ends, blanks, controls, non-ASCII.
+HEAD_BYTES = st.binary(max_size=80) | st.lists(
+    st.sampled_from([b"\r\n", b"\r", b"\n", b" ", b"\t", b"a", b":", b"\x00", b"\x7f", b"\xff"]),
+    max_size=30,
+).map(b"".join)
+
+
+@given(rest=HEAD_BYTES)
+def test_the_one_pass_test_of_a_whole_head_is_the_plain_test(rest: bytes) -> None:
+    """`_PLAIN_HEAD` (one regular expression) says of a whole head what `_plain` says."""
+    head_bytes = b"GET /" + rest + b"\r\n\r\n"
+    end = head_bytes.find(b"\r\n\r\n") + 4
+    whole = head_bytes[:end]  # a head ends at its first blank line
+    one_pass = lane_module._PLAIN_HEAD.fullmatch(whole) is not None
+    assert one_pass == lane_module._plain(whole)
