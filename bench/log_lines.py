@@ -4,12 +4,14 @@ The line proxy/middleware.py writes for each request, through the pipeline
 `proxy.logging.configure` installs, into /dev/null: many lines per event-loop turn, as
 under load, so the writer flushes once per turn. In the same run and the same rounds:
 
-- now: JSONRenderer's job done by orjson (bytes), the bytes writer on a binary stream;
+- now: `middleware.log_request`, through the logger bound once per configuration
+  (`proxy.logging.BoundOnce`, structlog's advice) and its wrapper class's `line`,
+  with JSONRenderer's job done by orjson (bytes), the bytes writer on a binary stream;
+- lazy proxy: the same pipeline through the module's `structlog.get_logger(...)` and
+  `info(**fields)`, as proxy/middleware.py wrote the line before `BoundOnce`;
 - before: the standard library's json renderer and the str writer (rebuilt below as they
-  were), on a text stream, as stdout was written before;
-- filtered: the level at warning, so `log.info` returns at once: the floor;
-- bound: now, through a logger bound once instead of the module's lazy proxy (what
-  structlog's performance notes advise; proxy/middleware.py keeps the proxy).
+  were), through the lazy proxy, on a text stream, as stdout was written before orjson;
+- filtered: `log_request` with the level at warning: the floor.
 
 CPU time (time.process_time: this process, user and system), the median of the rounds;
 the ratio now/before is the median of each round's own ratio.
@@ -37,6 +39,7 @@ import orjson
 import structlog
 
 from proxy import logging as proxy_logging
+from proxy.middleware import log_request
 
 from .cpu import Meter
 
@@ -109,28 +112,47 @@ def configure_now(stream: Any, level: str = "info") -> None:
 REQUEST_IDS = [f"{os.urandom(8).hex()}{i:016x}" for i in range(1024)]
 
 
-def log_requests(log: Any, count: int, offset: int) -> None:
-    """`count` request lines, each as proxy/middleware.py writes it (a cache hit)."""
+FIELDS = {
+    "method": "GET",
+    "caller": "billing-service",
+    "auth": "key",
+    "organization": "acme",
+    "invoice_id": "inv_2025_01",
+    "status": 200,
+    "cache": "HIT",
+}
+
+
+def log_requests(emit: Callable[[str], None], count: int, offset: int) -> None:
+    """`count` request lines (a cache hit), `emit(request_id)` writing each."""
     for i in range(offset, offset + count):
+        emit(REQUEST_IDS[i % 1024])
+
+
+def through_log_request(request_id: str) -> None:
+    """The line as proxy/middleware.py writes it."""
+    log_request(request_id=request_id, seconds=0.000412, **FIELDS)  # type: ignore[arg-type]
+
+
+def through(log: Any) -> Callable[[str], None]:
+    """The same line through `log.info(**fields)` (a lazy proxy)."""
+
+    def emit(request_id: str) -> None:
         log.info(
             "request",
-            request_id=REQUEST_IDS[i % 1024],
-            method="GET",
-            caller="billing-service",
-            auth="key",
-            organization="acme",
-            invoice_id="inv_2025_01",
-            status=200,
-            cache="HIT",
+            request_id=request_id,
+            **FIELDS,
             duration_ms=round(0.000412 * 1000, 3),
         )
 
+    return emit
 
-async def _cpu_per_line(log: Any, lines: int, batch: int) -> float:
+
+async def _cpu_per_line(emit: Callable[[str], None], lines: int, batch: int) -> float:
     """CPU seconds per line for `lines` lines, `batch` per loop turn, flushes included."""
     start = time.process_time()
     for offset in range(0, lines, batch):
-        log_requests(log, min(batch, lines - offset), offset)
+        log_requests(emit, min(batch, lines - offset), offset)
         await asyncio.sleep(0)  # the turn ends: the writer's flush runs
     return (time.process_time() - start) / lines
 
@@ -141,49 +163,56 @@ class Variant:
         self.seconds: list[float] = []
 
 
-def lazy_proxy(configure: Callable[[], None]) -> Callable[[], Any]:
+def lazy_proxy(configure: Callable[[], None]) -> Callable[[], Callable[[str], None]]:
     """Configure, then a fresh lazy proxy, as a module's `structlog.get_logger(...)`."""
 
-    def make() -> Any:
+    def make() -> Callable[[str], None]:
         configure()
-        return structlog.get_logger("proxy.access")
+        return through(structlog.get_logger("proxy.access"))
+
+    return make
+
+
+def bound_once(configure: Callable[[], None]) -> Callable[[], Callable[[str], None]]:
+    def make() -> Callable[[str], None]:
+        configure()
+        return through_log_request
 
     return make
 
 
 def check_same_lines() -> None:
-    """The two pipelines write the same line (apart from the timestamp)."""
-    now, before = io.BytesIO(), io.StringIO()
-    configure_now(now)
-    log_requests(structlog.get_logger("proxy.access"), 1, 0)
-    configure_before(before)
-    log_requests(structlog.get_logger("proxy.access"), 1, 0)
-    proxy_logging.flush_logs()
-    lines = [json.loads(now.getvalue()), json.loads(before.getvalue())]
+    """The three ways write the same line (apart from the timestamp)."""
+    streams: list[Any] = [io.BytesIO(), io.BytesIO(), io.StringIO()]
+    try:
+        configure_now(streams[0])
+        log_requests(through_log_request, 1, 0)
+        configure_now(streams[1])
+        log_requests(through(structlog.get_logger("proxy.access")), 1, 0)
+        configure_before(streams[2])
+        log_requests(through(structlog.get_logger("proxy.access")), 1, 0)
+        proxy_logging.flush_logs()
+    finally:
+        proxy_logging.reset()
+    lines = [json.loads(stream.getvalue()) for stream in streams]
     for line in lines:
         line.pop("timestamp")
-    assert lines[0] == lines[1], lines
+    assert lines[0] == lines[1] == lines[2], lines
 
 
 async def measure(
     rounds: int, lines: int, batch: int, binary: BinaryIO, text: TextIO
 ) -> list[Variant]:
-    def bound() -> Any:
-        configure_now(binary)
-        return structlog.get_logger("proxy.access").bind()
-
     variants = [
-        Variant("now", "orjson, bytes writer (now)", lazy_proxy(lambda: configure_now(binary))),
-        Variant(
-            "before", "stdlib json, str writer (before)", lazy_proxy(lambda: configure_before(text))
-        ),
-        Variant(
-            "filtered",
-            "filtered out (level warning)",
-            lazy_proxy(lambda: configure_now(binary, "warning")),
-        ),
-        Variant("bound", "now, logger bound once", bound),
-    ]
+        Variant("now", "log_request, bound once, orjson, bytes writer (now)",
+                bound_once(lambda: configure_now(binary))),
+        Variant("proxy", "the same through the lazy proxy (before BoundOnce)",
+                lazy_proxy(lambda: configure_now(binary))),
+        Variant("before", "lazy proxy, stdlib json, str writer (before orjson)",
+                lazy_proxy(lambda: configure_before(text))),
+        Variant("filtered", "log_request filtered out (level warning)",
+                bound_once(lambda: configure_now(binary, "warning"))),
+    ]  # fmt: skip
     try:
         for variant in variants:  # warm-up: caches, the regex, the first allocations
             await _cpu_per_line(variant.logger(), min(lines, 5000), batch)

@@ -1,0 +1,132 @@
+"""What each part of a fast-lane hit costs, in-process, without the network.
+
+The objects `init_app` builds for the lane (`Authenticator`, `InvoiceCache` with the
+lane's `prepare` hook, `Metrics`, `FastLane`, `HeadReader`), the request line through
+`proxy.logging.configure`'s pipeline into /dev/null, a final invoice in the cache, and
+wrk's request head of the hit rounds. Each row is the best of 5 runs of `--calls`
+calls (microseconds per call); "read + answer" is the whole of the lane's Python work
+for one hit but the protocol's few checks and the write itself. Compare it with
+`python -m bench.calibrate`: the Python a hit may cost for a share of nginx's rate.
+
+    python -m bench.hit_parts [--calls 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from proxy import logging as proxy_logging
+from proxy.auth import Authenticator
+from proxy.cache import InvoiceCache
+from proxy.config import CacheConfig, CallerConfig
+from proxy.invoice import InvoiceFacts
+from proxy.lane import FastLane, HeadReader
+from proxy.metrics import Metrics
+from proxy.middleware import log_request, request_id_for
+from proxy.upstream import Fetched
+
+KEY = "k" * 43
+HEAD = (
+    b"GET /v1/organizations/acme/invoices/hot-000 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+    b"Authorization: Bearer " + KEY.encode() + b"\r\n\r\n"
+)
+TURN = 50  # calls per event-loop turn
+FINAL = InvoiceFacts(
+    period_end=datetime(2025, 1, 31, tzinfo=UTC),
+    paid=True,
+    overdue=False,
+    extra_fields=(),
+    string_total=False,
+)
+
+
+def best_of_five(call: Callable[[], Any], calls: int) -> float:
+    """Microseconds per call, the best of 5 runs. The log lines are written after each 50
+    calls, as the writer does once per event-loop turn under load (its cost included)."""
+    call()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls // TURN):
+            for _ in range(TURN):
+                call()
+            proxy_logging.flush_logs()
+        best = min(best, (time.perf_counter() - start) / (calls // TURN * TURN))
+    return best * 1e6
+
+
+async def parts(calls: int) -> list[tuple[str, float]]:
+    metrics = Metrics()
+    digest = hashlib.sha256(KEY.encode()).hexdigest()
+    callers = Authenticator(
+        [CallerConfig(name="bench", key_sha256=(digest,), organizations=("acme",))], metrics
+    )
+    cache = InvoiceCache(CacheConfig(), metrics, prepare=FastLane.prepare)
+    body = b'{"id":"hot-000","total":12345}' * 4
+
+    async def fetch(organization: str, invoice_id: str) -> Fetched:
+        return Fetched(200, body, FINAL)
+
+    await cache.load("acme", "hot-000", fetch)
+    lane = FastLane(callers, cache, metrics)
+    reader = HeadReader(8190, 100)
+    heads = reader.read(HEAD)
+    assert heads is not None and lane.answer(heads[0], None) is not None, "not a lane hit"
+    head = heads[0]
+    fields: dict[str, Any] = {
+        "request_id": request_id_for(None), "method": "GET", "caller": "bench", "auth": "key",
+        "organization": "acme", "invoice_id": "hot-000", "status": 200, "cache": "hit",
+        "seconds": 0.000006,
+    }  # fmt: skip
+
+    def read_and_answer() -> None:
+        found = reader.read(HEAD)
+        assert found is not None
+        lane.answer(found[0], None)
+
+    return [
+        ("HeadReader.read", best_of_five(lambda: reader.read(HEAD), calls)),
+        ("FastLane.answer (all below)", best_of_five(lambda: lane.answer(head, None), calls)),
+        ("  middleware.log_request", best_of_five(lambda: log_request(**fields), calls)),
+        (
+            "  Metrics.request_done",
+            best_of_five(lambda: metrics.request_done("bench", 200, "hit", 6e-6), calls),
+        ),
+        ("  InvoiceCache.count_hit", best_of_five(cache.count_hit, calls)),
+        (
+            "  Authenticator.known",
+            best_of_five(lambda: callers.known("Bearer " + KEY, None), calls),
+        ),
+        ("  InvoiceCache.peek", best_of_five(lambda: cache.peek(("acme", "hot-000")), calls)),
+        ("  request_id_for", best_of_five(lambda: request_id_for(None), calls)),
+        ("read + answer", best_of_five(read_and_answer, calls)),
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.hit_parts", description=__doc__)
+    parser.add_argument("--calls", type=int, default=20_000)
+    args = parser.parse_args(argv)
+    with open(os.devnull, "wb") as devnull:
+        proxy_logging.configure("info", "json", stream=devnull)
+        try:
+            rows = asyncio.run(parts(args.calls))
+        finally:
+            proxy_logging.flush_logs()
+            proxy_logging.reset()
+    print(f"best of 5 runs of {args.calls:,} calls, us per call")
+    print("| part | us |")
+    print("| --- | ---: |")
+    for name, us in rows:
+        print(f"| {name} | {us:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
