@@ -5,8 +5,10 @@ last line of defence: code never logs a secret on purpose, but if a later change
 does, anything shaped like a key, token or Authorization header is masked.
 
 The line of every request is cheap, as structlog's performance notes advise: a
-filtering bound logger, orjson's serializer (bytes) and a bytes writer on the binary
-stdout that writes once per event-loop turn (`python -m bench.log_lines` measures it).
+logger bound once (`BoundOnce`) of a filtering wrapper class, orjson's serializer
+(bytes) and a bytes writer on the binary stdout that writes once per event-loop turn
+(`python -m bench.log_lines` measures it). Tests reset with `reset()`, which binds
+such loggers again, not with `structlog.reset_defaults()`.
 """
 
 from __future__ import annotations
