@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import secrets
 import shutil
 import sys
 import tempfile
@@ -91,13 +90,7 @@ def measure(busy: list[float], seconds: int, connections: int) -> list[tuple[str
     rows: list[tuple[str, float]] = []
     try:
         with client_core():
-            servers = start_servers(
-                processes,
-                workdir,
-                caller_key=secrets.token_urlsafe(32),
-                upstream_authorization=f"bench-token-id:pscale_tkn_{secrets.token_hex(16)}",
-                hot_ids=["hot-000"],
-            )
+            servers = start_servers(processes, workdir, hot_ids=["hot-000"])
             script = workdir / "hot.lua"
             wrk_script(script, [invoice_path("hot-000")], servers.authorization)
             nginx = servers.ports[NGINX]

@@ -16,6 +16,7 @@ import ipaddress
 import json
 import os
 import re
+import secrets
 import socket
 import subprocess
 import sys
@@ -575,13 +576,11 @@ def _start_listening(
     wait_until(lambda: port_open(port), name, process, log)
 
 
-def start_servers(
-    processes: Processes,
-    workdir: Path,
-    caller_key: str,
-    upstream_authorization: str,
-    hot_ids: list[str],
-) -> Servers:
+def start_servers(processes: Processes, workdir: Path, hot_ids: list[str]) -> Servers:
+    """The stand-in, the two proxies, nginx and the bare app, with a fresh caller key and
+    upstream token for this run."""
+    caller_key = secrets.token_urlsafe(32)
+    upstream_authorization = f"bench-token-id:pscale_tkn_{secrets.token_hex(16)}"
     python = sys.executable
     token_id, _, token = upstream_authorization.partition(":")
 

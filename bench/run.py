@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -99,13 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         with client_core():
-            servers = start_servers(
-                processes,
-                workdir,
-                caller_key=secrets.token_urlsafe(32),
-                upstream_authorization=f"bench-token-id:pscale_tkn_{secrets.token_hex(16)}",
-                hot_ids=scenarios.hot_ids(settings),
-            )
+            servers = start_servers(processes, workdir, hot_ids=scenarios.hot_ids(settings))
             processes.note_children()
             load = quiet.wait(settings.start_quiet_wait_s)
             if load.foreign_cores + load.steal_cores > NOISE_LIMIT_CORES / 2:
