@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from .harness import (
@@ -102,7 +103,7 @@ def measure(busy: list[float], seconds: int, connections: int) -> list[tuple[str
                 argv += ["--busy", str(busy_us)]
                 log = workdir / f"bare-{busy_us:g}.log"
                 process = processes.start("bare", pinned(SERVER_CORE, argv), log)
-                wait_until(lambda port=port: port_open(port), "the bare protocol", process, log)
+                wait_until(partial(port_open, port), "the bare protocol", process, log)
                 rows.append((f"bare + {busy_us:g} us", wrk(port, script, seconds, connections)))
                 process.terminate()
                 process.wait(timeout=10)
