@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import select
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -246,6 +247,60 @@ def test_the_request_line_is_the_line_of_an_info_call(fields: dict[str, Any], fm
         assert without_timestamp(one_line(fast)) == without_timestamp(one_line(plain))
     else:  # the console line starts with its timestamp
         assert fast.split(b" ", 1)[1] == plain.split(b" ", 1)[1]
+
+
+TIMESTAMP = re.compile(rb'"timestamp": ?"[^"]*"')  # orjson's, or json's (fallback)
+# Names a bound context variable could have: any, the request line's own, secret ones.
+CONTEXT_NAMES = field_names | st.sampled_from(
+    ["request_id", "caller", "status", "token", "authorization", "exc_info", "event", "level"]
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(fields=REQUEST_LINE, context=st.dictionaries(CONTEXT_NAMES, values, max_size=3))
+def test_the_request_line_is_the_info_calls_line_byte_for_byte_in_any_context(
+    fields: dict[str, Any], context: dict[str, Any]
+) -> None:
+    """The request line's inline run of the JSON pipeline (`_wrapper_class`'s `line`)
+    writes the bytes structlog's own run writes, in the same order, with whatever
+    context variables are bound (merged, redacted, an `exc_info` formatted)."""
+    from proxy.middleware import log_request
+
+    order = ("request_id", "method", "caller", "auth", "organization", "invoice_id", "status")
+    named = {name: fields[name] for name in (*order, "cache")}  # log_request's order
+    named["duration_ms"] = round(fields["seconds"] * 1000, 3)
+
+    def in_context(emit: Callable[[Any], None]) -> Callable[[Any], None]:
+        def run(log: Any) -> None:
+            with structlog.contextvars.bound_contextvars(**context):
+                emit(log)
+
+        return run
+
+    fast = written(in_context(lambda _log: log_request(**fields)))
+    plain = written(in_context(lambda log: log.info("request", **named)))
+    assert TIMESTAMP.sub(b"", fast) == TIMESTAMP.sub(b"", plain)
+    one_line(fast)
+
+
+def test_the_request_line_is_captured_by_capture_logs() -> None:
+    """`capture_logs` edits the processor list in place: the line takes structlog's way."""
+    from proxy.middleware import log_request
+
+    stream = io.BytesIO()
+    proxy_logging.configure("info", "json", stream=stream, cache=True)
+    try:
+        with structlog.testing.capture_logs() as captured:
+            log_request(
+                request_id="r1", method="GET", caller="billing", auth="key",
+                organization="acme", invoice_id="inv_1", status=200, cache="hit",
+                seconds=0.001,
+            )  # fmt: skip
+    finally:
+        proxy_logging.reset()
+    proxy_logging.flush_logs()
+    assert stream.getvalue() == b""
+    assert [(line["event"], line["request_id"]) for line in captured] == [("request", "r1")]
 
 
 def test_the_request_line_follows_the_configured_level_and_each_configuration() -> None:
