@@ -14,12 +14,19 @@ Both read the same bytes the same way. `HeadReader` parses with llhttp (httptool
 the parser aiohttp's own is built on, in the same strict mode, and calls a head *clean*
 only when aiohttp could not disagree about it nor refuse it: printable ASCII, CRLF line
 ends, no folded line, GET or HEAD, HTTP/1.0 or 1.1, a plain path, no header twice, no
-`Content-Length`, `Transfer-Encoding`, `Expect` or `Upgrade`, a `Connection` of
-`keep-alive` or `close`, `Host` with HTTP/1.1, and well within the `[server]` size
-limits. A clean head has no body, so it ends at its blank line, for both parsers. Once
-a read holds anything not clean, aiohttp reads that connection alone from then on: the
-lane never guesses where a request ends. A read is judged whole before the lane answers
-from it, because aiohttp refuses a read with a malformed request in it as a whole.
+`Content-Length`, `Transfer-Encoding`, `Expect`, `Upgrade` or `Proxy-Connection`, a
+`Connection` of `keep-alive` or `close`, `Host` with HTTP/1.1, and well within the
+`[server]` size limits. A clean head has no body, so it ends at its blank line, for both
+parsers. Once a read holds anything not clean, aiohttp reads that connection alone from
+then on: the lane never guesses where a request ends. A read is judged whole before the
+lane answers from it, because aiohttp refuses a read with a malformed request in it as
+a whole.
+
+The common head (whole, clean, keep-alive, header names that are tokens and values of
+printable ASCII) the lane reads itself, without llhttp and cheaper
+(`HeadReader._plain_reading`), but only where llhttp would read it as a new request and
+could read it no other way; it reads the head as llhttp does (tests/test_lane.py checks
+that). llhttp reads everything else, any head the lane is not sure of included.
 
 The answer, the log line and the metrics are those of the aiohttp path (`handlers`,
 `middleware.log_request`): the same bytes but for the `Date` and `X-Request-ID` values.
@@ -47,17 +54,27 @@ _PRINTABLE = bytes([9, *range(0x20, 0x7F)])
 # A whole clean head, as `_plain` tests it (one pass instead of four): CRLF lines of
 # printable ASCII and tabs, none starting with a space or tab, and the blank line.
 _PLAIN_HEAD = re.compile(rb"(?:[!-~][\t -~]*\r\n)+\r\n")
-_CLEAN_URL = re.compile(rb"/[A-Za-z0-9/_.~-]*(?:\?[A-Za-z0-9=&_.~-]*)?")
-_INVOICE = re.compile(rb"/v1/organizations/([A-Za-z0-9_-]{1,64})/invoices/([A-Za-z0-9_-]{1,64})")
-# Headers that give a request a body or another protocol, or that aiohttp acts on
-# before the application: a head with one is aiohttp's to read.
+# The invoice path (its organization and id) or another clean path.
+_INVOICE = rb"/v1/organizations/([A-Za-z0-9_-]{1,64})/invoices/([A-Za-z0-9_-]{1,64})"
+_CLEAN_PATH = rb"/[A-Za-z0-9/_.~-]*(?:\?[A-Za-z0-9=&_.~-]*)?"
+_URL = re.compile(rb"(?:%s)|%s" % (_INVOICE, _CLEAN_PATH))
+# Headers that give a request a body or another protocol, that aiohttp acts on before
+# the application, or that llhttp reads as `Connection`: a head with one is aiohttp's.
 _NOT_CLEAN = frozenset(
     {
         b"content-length", b"transfer-encoding", b"expect", b"upgrade", b"content-encoding",
-        b"sec-websocket-key1",
+        b"sec-websocket-key1", b"proxy-connection",
     }
 )  # fmt: skip
 _CONNECTION = frozenset({b"keep-alive", b"close"})
+# A whole head the lane reads itself, without llhttp (`HeadReader._plain_reading`): the
+# request line of a GET or HEAD for a clean path (`_URL`), then lines of a header name
+# that is a token (RFC 9110 5.6.2), a colon and printable ASCII (a tab is llhttp's to
+# read), and the blank line. Such a head is plain (`_PLAIN_HEAD`).
+_PLAIN_REQUEST = re.compile(
+    rb"(GET|HEAD) (%s) HTTP/1\.([01])\r\n((?:[!#$%%&'*+.^_`|~0-9A-Za-z-]+:[ -~]*\r\n)*)\r\n"
+    % _URL.pattern
+)
 _METHODS = (b"GET /", b"HEAD /")
 _HEAD_END = b"\r\n\r\n"
 # What llhttp raises for a head it refuses, or for an upgrade (a callback's own error,
@@ -66,11 +83,11 @@ _REFUSED = (httptools.HttpParserError, httptools.HttpParserUpgrade)
 
 
 class Head:
-    """One request head as llhttp read it."""
+    """One request head as llhttp reads it (or the lane itself, the same way)."""
 
     __slots__ = (
-        "authorization", "end", "error", "headers", "if_none_match", "invoice", "keep_alive",
-        "method", "request_id", "url", "version",
+        "authorization", "connection", "end", "error", "headers", "if_none_match", "invoice",
+        "keep_alive", "method", "request_id", "url", "version",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -80,12 +97,13 @@ class Head:
         self.authorization: str | None = None
         self.if_none_match: str | None = None
         self.request_id: str | None = None
+        self.connection: bytes | None = None  # its value, lower-case: keep-alive or close
         self.method = ""
         self.version = ""
         self.keep_alive = True
         self.end = 0  # where it ends in the read that completed it; 0: it began before
         # The path's organization and id when it is exactly the invoice path.
-        self.invoice: re.Match[bytes] | None = None
+        self.invoice: tuple[bytes, bytes] | None = None
 
 
 class HeadReader:
@@ -96,7 +114,10 @@ class HeadReader:
     an earlier read is carried over.
     """
 
-    __slots__ = ("_complete", "_current", "_max_bytes", "_max_headers", "_parser", "_pending")
+    __slots__ = (
+        "_complete", "_current", "_max_bytes", "_max_headers", "_parser", "_parser_ready",
+        "_pending",
+    )  # fmt: skip
 
     def __init__(self, max_bytes: int, max_headers: int) -> None:
         # Well within aiohttp's own limits, so aiohttp never refuses a clean head.
@@ -106,6 +127,9 @@ class HeadReader:
         self._current = Head()
         self._complete = 0
         self._parser = httptools.HttpRequestParser(self)
+        # llhttp would read the next byte as the start of a request: it has read nothing
+        # of the head under way, and the request before kept the connection open.
+        self._parser_ready = True
 
     # llhttp's callbacks (httptools assembles each header before calling on_header).
     def on_url(self, url: bytes) -> None:
@@ -113,22 +137,25 @@ class HeadReader:
         head.url = head.url + url if head.url else url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        head = self._current
-        name = name.lower()
+        self._header(self._current, name.lower(), value)
+
+    def _header(self, head: Head, name: bytes, value: bytes) -> None:
+        """One header of `head`, its `name` lower-case."""
         if name in head.headers or name in _NOT_CLEAN or len(head.headers) >= self._max_headers:
             head.error = True
             return
         head.headers.add(name)
-        # llhttp strips the whitespace before a value; aiohttp strips it after, too.
-        value = value.rstrip(b" \t")
+        # llhttp strips the blanks before a value (not after): so do aiohttp and the lane.
         if name == b"authorization":
-            head.authorization = value.decode("ascii")
+            head.authorization = value.strip(b" \t").decode("ascii")
         elif name == b"if-none-match":
-            head.if_none_match = value.decode("ascii")
+            head.if_none_match = value.strip(b" \t").decode("ascii")
         elif name == b"x-request-id":
-            head.request_id = value.decode("ascii")
-        elif name == b"connection" and value.lower() not in _CONNECTION:
-            head.error = True
+            head.request_id = value.strip(b" \t").decode("ascii")
+        elif name == b"connection":
+            head.connection = value = value.strip(b" \t").lower()
+            if value not in _CONNECTION:
+                head.error = True
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -143,16 +170,19 @@ class HeadReader:
     def read(self, data: bytes) -> list[Head] | None:
         """The heads `data` completes, in order; None: not clean, aiohttp's from now on."""
         pending = self._pending
-        if not pending and data.endswith(_HEAD_END) and data.find(_HEAD_END) == len(data) - 4:
-            # Nearly every read: one whole head, alone.
-            try:
-                head = self._complete_head(data, data)
-            except _REFUSED:
-                return None
-            if head is None:
-                return None
-            head.end = len(data)
-            return [head]
+        if not pending and data.endswith(_HEAD_END):
+            # Nearly every read: one whole head, alone, most often one the lane reads itself.
+            head = self._plain_reading(data) if self._parser_ready else None
+            if head is None and data.find(_HEAD_END) == len(data) - 4:
+                try:
+                    head = self._llhttp_reading(data, data)
+                except _REFUSED:
+                    return None
+                if head is None:
+                    return None
+            if head is not None:
+                head.end = len(data)
+                return [head]
         buffer = pending + data if pending else data
         carried = len(pending)
         heads: list[Head] = []
@@ -179,6 +209,12 @@ class HeadReader:
         return heads
 
     def _complete_head(self, head_bytes: bytes, new: bytes) -> Head | None:
+        """A whole head, `new` the bytes of it llhttp has not read yet; None: not clean."""
+        head = self._plain_reading(head_bytes) if self._parser_ready else None
+        return self._llhttp_reading(head_bytes, new) if head is None else head
+
+    def _llhttp_reading(self, head_bytes: bytes, new: bytes) -> Head | None:
+        """`_complete_head` by llhttp, which reads `new`."""
         if (
             len(head_bytes) > self._max_bytes
             or not head_bytes.startswith(_METHODS)
@@ -189,6 +225,7 @@ class HeadReader:
         self._parser.feed_data(new)
         head = self._current
         self._current = Head()
+        self._parser_ready = head.keep_alive
         if (
             self._complete != 1
             or head.error
@@ -196,9 +233,46 @@ class HeadReader:
             or (head.version == "1.1" and b"host" not in head.headers)
         ):
             return None
-        head.invoice = invoice = _INVOICE.fullmatch(head.url)
-        if invoice is None and _CLEAN_URL.fullmatch(head.url) is None:
+        url = _URL.fullmatch(head.url)
+        if url is None:
             return None
+        if url[1] is not None:
+            head.invoice = (url[1], url[2])
+        return head
+
+    def _plain_reading(self, head_bytes: bytes) -> Head | None:
+        """A whole clean head read without llhttp, as llhttp reads it; None: not sure,
+        llhttp reads it instead (and judges it).
+
+        The common head costs llhttp a Python callback per header and the clean checks
+        after it; this reads it with one regular expression and a split. It is sure only
+        of a clean head (see the module's docstring) that `_PLAIN_REQUEST` matches and
+        that keeps the connection open; tests/test_lane.py checks it against llhttp's
+        reading. llhttp, strict, has no other reading of such bytes; it is not shown
+        them, and as it waited for a request (`_parser_ready`), it still does after them.
+        """
+        plain = _PLAIN_REQUEST.fullmatch(head_bytes)
+        if plain is None or len(head_bytes) > self._max_bytes:
+            return None
+        head = Head()
+        method, head.url, organization, invoice_id, minor, fields = plain.groups()
+        head.method = "GET" if method == b"GET" else "HEAD"
+        if organization is not None:
+            head.invoice = (organization, invoice_id)
+        for field in fields[:-2].split(b"\r\n") if fields else ():
+            name, _, value = field.partition(b":")
+            self._header(head, name.lower(), value)
+        if head.error:
+            return None
+        # llhttp's keep-alive: HTTP/1.1 unless `Connection: close`, 1.0 with `keep-alive`.
+        if minor == b"1":
+            if head.connection == b"close" or b"host" not in head.headers:
+                return None
+            head.version = "1.1"
+        else:
+            if head.connection != b"keep-alive":
+                return None
+            head.version = "1.0"
         return head
 
     def _clean_so_far(self, tail: bytes, new: bytes) -> bool:
@@ -211,6 +285,7 @@ class HeadReader:
         if not _plain(tail[:-1] if tail.endswith(b"\r") else tail):
             return False
         self._complete = 0
+        self._parser_ready = False
         self._parser.feed_data(new)
         return self._complete == 0 and not self._current.error
 
@@ -289,8 +364,8 @@ class FastLane:
         """The whole answer to `head` when it is a hit the lane may serve, else None
         (nothing was changed: aiohttp answers it as if the lane had not looked)."""
         start = time.perf_counter()
-        match = head.invoice
-        if match is None:
+        invoice = head.invoice
+        if invoice is None:
             return None
         authorization = head.authorization
         known = self._callers.known(
@@ -299,8 +374,8 @@ class FastLane:
         if known is None:
             return None
         caller, how = known
-        organization = match.group(1).decode("ascii")
-        invoice_id = match.group(2).decode("ascii")
+        organization = invoice[0].decode("ascii")
+        invoice_id = invoice[1].decode("ascii")
         if not caller.may_read(organization):
             return None
         entry = self._cache.peek((organization, invoice_id))

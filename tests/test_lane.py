@@ -1,17 +1,21 @@
 """The fast lane's answers, byte for byte against aiohttp's (the differential property
-test over whole streams is tests/test_fast_lane.py)."""
+test over whole streams is tests/test_fast_lane.py), and its reading of heads against
+llhttp's."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
+import string
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from proxy import lane as lane_module
 from proxy.app import LANE
+from proxy.lane import Head, HeadReader
 
 from .helpers import BILLING_KEY, ProxyFactory, get, invoice_path, metric
 
@@ -154,3 +158,152 @@ def test_the_one_pass_test_of_a_whole_head_is_the_plain_test(rest: bytes) -> Non
     whole = head_bytes[:end]  # a head ends at its first blank line
     one_pass = lane_module._PLAIN_HEAD.fullmatch(whole) is not None
     assert one_pass == lane_module._plain(whole)
+
+
+class LlhttpReader(HeadReader):
+    """A `HeadReader` that never reads a head itself: llhttp reads every byte."""
+
+    def _plain_reading(self, head_bytes: bytes) -> Head | None:
+        return None
+
+
+def reading(head: Head) -> dict[str, object]:
+    """Everything a `Head` says."""
+    return {slot: getattr(head, slot) for slot in Head.__slots__}
+
+
+def readings(heads: list[Head] | None) -> list[dict[str, object]] | None:
+    return None if heads is None else [reading(head) for head in heads]
+
+
+# Request heads close to valid: each is one the lane may read itself, but for the few
+# parts (`ODD`) drawn from what it must leave to llhttp (or that llhttp refuses).
+USUAL = {
+    "method": st.sampled_from(["GET", "HEAD"]),
+    "url": st.sampled_from([invoice_path(), invoice_path("a-b_C9", "x" * 64), "/", "/a?b=c&d"]),
+    "version": st.sampled_from(["HTTP/1.1", "HTTP/1.0"]),
+    "name": st.sampled_from(
+        ["Authorization", "If-None-Match", "X-Request-ID", "User-Agent", "Accept", "Keep-Alive"]
+    ),
+    "connection": st.sampled_from(["keep-alive", "close", "Keep-Alive", "CLOSE"]),
+    "value": st.sampled_from(["", "127.0.0.1:8080", f"Bearer {BILLING_KEY}", '"x", W/"y"', "*"])
+    | st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=12),
+    "blank": st.sampled_from(["", " "]),
+    "colon": st.just(":"),
+    "line end": st.just("\r\n"),
+}
+ODD = {
+    "method": st.sampled_from(["POST", "get", "OPTIONS", "CONNECT", "GET "]),
+    "url": st.sampled_from(
+        [
+            invoice_path("acme", "x" * 65), "/v1/organizations/acme/invoices/", "/healthz",
+            "/v1/organizations/acme/invoices/a/b", "/a?b=%41", "/%7E", "/a#b", "/a;b",
+            '/a"b{}', "/a b", "*", "http://proxy/", "//x", "/\x7f", "/\xff", "", "/a\tb",
+        ]
+    )
+    | st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=12).map("/".__add__),
+    "version": st.sampled_from(["HTTP/2.0", "HTTP/0.9", "HTTP/1.2", "http/1.1", "HTTP/1.1 "]),
+    "name": st.sampled_from(
+        [
+            "Host", "Connection", "Proxy-Connection", "Content-Length", "Transfer-Encoding",
+            "Expect", "Upgrade", "Content-Encoding", "Sec-WebSocket-Key1", "", "X Y", "X@",
+            "X\t", " X", "\tX", "X(", "\xc4", "X\x00", "{}",
+        ]
+    )
+    | st.text(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~", min_size=1, max_size=8),
+    "connection": st.sampled_from(
+        ["upgrade", "keep-alive, close", "close, keep-alive", "other", "keep-alive,", ""]
+    ),
+    "value": st.sampled_from(
+        ["0", "chunked", "100-continue", "a\x01", "a\x7f", "\xff", "a\rb", "a\nb", "a\tb"]
+    ),
+    "blank": st.sampled_from(["  ", "\t", " \t", "\t "]),
+    "colon": st.sampled_from([" :", ""]),
+    "line end": st.sampled_from(["\n", "\r", "\r\r\n", " \r\n"]),
+}  # fmt: skip
+CASES = st.sampled_from([str, str.lower, str.upper, str.swapcase])
+
+
+@st.composite
+def request_heads(draw: st.DrawFn) -> bytes:
+    odd = draw(st.sets(st.sampled_from([*USUAL, "no host", "twice"]), max_size=2))
+
+    def part(kind: str) -> str:
+        return draw(ODD[kind] if kind in odd and draw(st.booleans()) else USUAL[kind])
+
+    fields = [] if "no host" in odd else ["Host: proxy\r\n"]
+    for _ in range(draw(st.integers(0, 4))):
+        name = draw(CASES)(part("name"))
+        value = part("connection") if name.lower().endswith("connection") else part("value")
+        blanks = part("blank"), part("blank")
+        fields.append(name + part("colon") + blanks[0] + value + blanks[1] + part("line end"))
+    if draw(st.booleans()):
+        name = draw(st.sampled_from(["Connection", "Connection", "Proxy-Connection"]))
+        fields.append(draw(CASES)(name) + ": " + part("connection") + "\r\n")
+    if "twice" in odd and fields:
+        fields.append(draw(st.sampled_from(fields)))
+    request_line = f"{part('method')} {part('url')} {part('version')}{part('line end')}"
+    return (request_line + "".join(draw(st.permutations(fields))) + "\r\n").encode("latin-1")
+
+
+# The bench's head (bench/hit_parts.py), the common head of a hit.
+COMMON_HEAD = (
+    b"GET /v1/organizations/acme/invoices/hot-000 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+    b"Authorization: Bearer " + b"k" * 43 + b"\r\n\r\n"
+)
+LIMITS = st.sampled_from([(8190, 64), (8190, 4), (120, 64)])  # `[server]` head bytes, headers
+
+
+@pytest.mark.parametrize(
+    "head_bytes",
+    [
+        COMMON_HEAD,
+        COMMON_HEAD.replace(b"GET", b"HEAD"),
+        head(version="1.0", extra="Connection: keep-alive\r\n"),
+        head(extra='If-None-Match: "x"\r\nX-Request-ID: id-1\r\nUser-Agent: curl/8\r\n'),
+        head(path="/healthz?verbose"),
+    ],
+)
+def test_the_lane_reads_a_common_head_itself_as_llhttp_does(head_bytes: bytes) -> None:
+    """The test below is not vacuous: `_plain_reading` is sure of the common heads."""
+    assert HeadReader(8190, 64)._plain_reading(head_bytes) is not None
+    heads = HeadReader(8190, 64).read(head_bytes)
+    assert heads is not None
+    assert readings(heads) == readings(LlhttpReader(8190, 64).read(head_bytes))
+
+
+@given(head_bytes=request_heads(), limits=LIMITS)
+@example(head_bytes=head(version="1.0", extra="Connection: close\r\n"), limits=(8190, 64))
+@example(head_bytes=head(extra="Proxy-Connection: close\r\n"), limits=(8190, 64))
+@example(head_bytes=head(extra="Connection: Keep-Alive\t\r\n"), limits=(8190, 64))
+def test_a_head_the_lane_reads_itself_is_read_as_llhttp_reads_it(
+    head_bytes: bytes, limits: tuple[int, int]
+) -> None:
+    """Whenever `_plain_reading` is sure of a head, llhttp reads it the same, and clean."""
+    head_bytes = head_bytes[: head_bytes.find(b"\r\n\r\n") + 4]  # it ends at the blank line
+    heads = HeadReader(*limits).read(head_bytes)
+    assert readings(heads) == readings(LlhttpReader(*limits).read(head_bytes))
+    plain = HeadReader(*limits)._plain_reading(head_bytes)
+    if plain is not None:
+        plain.end = len(head_bytes)
+        assert [reading(plain)] == readings(heads)
+
+
+@given(
+    heads=st.lists(request_heads(), min_size=1, max_size=4),
+    cuts=st.lists(st.integers(0, 600), max_size=3),
+    limits=LIMITS,
+)
+@example(heads=[head(extra="Connection: close\r\n"), head()], cuts=[], limits=(8190, 64))
+def test_the_heads_of_a_stream_are_read_the_same_with_or_without_the_lanes_own_reading(
+    heads: list[bytes], cuts: list[int], limits: tuple[int, int]
+) -> None:
+    """`read`, read by read, gives the same heads (or None) as llhttp alone."""
+    stream = b"".join(heads)
+    bounds = [0, *sorted(cut for cut in cuts if 0 < cut < len(stream)), len(stream)]
+    reader, llhttp = HeadReader(*limits), LlhttpReader(*limits)
+    for start, end in itertools.pairwise(bounds):
+        got = reader.read(stream[start:end])
+        assert readings(got) == readings(llhttp.read(stream[start:end]))
+        if got is None:
+            return
