@@ -135,10 +135,11 @@ class InvoiceCache:
         # Fetches under way when their key was purged: their answer goes to the callers
         # already waiting for it, never into the cache (it may be what was purged).
         self._purged: set[asyncio.Task[Entry]] = set()
-        self._hit = metrics.lookup_hit
-        self._miss = metrics.cache_lookups.labels(result=MISS)
-        self._coalesced = metrics.cache_lookups.labels(result="coalesced")
-        self._stale = metrics.cache_lookups.labels(result=STALE)
+        lookups = metrics.cache_lookups
+        self._hit = lookups[HIT]
+        self._miss = lookups[MISS]
+        self._coalesced = lookups["coalesced"]
+        self._stale = lookups[STALE]
 
     def __len__(self) -> int:
         return len(self._store)
@@ -151,7 +152,7 @@ class InvoiceCache:
         """The hot path: a fresh entry, or None. Counts the hit."""
         entry = self.peek(key)
         if entry is not None:
-            self._hit.inc()
+            self._hit.value += 1
         return entry
 
     def peek(self, key: Key) -> Entry | None:
@@ -163,7 +164,7 @@ class InvoiceCache:
         return None
 
     def count_hit(self) -> None:
-        self._hit.inc()
+        self._hit.value += 1
 
     async def load(self, organization: str, invoice_id: str, fetch: Fetcher) -> tuple[Entry, str]:
         """After `fresh` missed: join or start the one fetch for this key.
@@ -176,19 +177,19 @@ class InvoiceCache:
         key = (organization, invoice_id)
         task = self._inflight.get(key)
         if task is None:
-            self._miss.inc()
+            self._miss.value += 1
             task = asyncio.create_task(self._fetch(key, fetch), name="invoice-fetch")
             self._inflight[key] = task
             task.add_done_callback(partial(self._fetch_done, key))
         else:
-            self._coalesced.inc()
+            self._coalesced.value += 1
         try:
             return await asyncio.shield(task), MISS
         except UpstreamFailure:
             stale = self._stale_entry(key)
             if stale is None:
                 raise
-            self._stale.inc()
+            self._stale.value += 1
             return stale, STALE
 
     def _lifetimes(self, fetched: Fetched) -> tuple[float, float]:
