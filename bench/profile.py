@@ -26,7 +26,10 @@ _FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^:()]+)(?::\d+)?\)$")
 # it matches; standard-library frames (json, uuid, re, ...) count for their caller.
 CATEGORIES = (
     ("request log line (structlog, proxy/logging.py)", ("structlog/", "proxy/logging.py")),
-    ("request metrics (prometheus_client)", ("prometheus_client/",)),
+    (
+        "request metrics (proxy/metrics.py, prometheus_client)",
+        ("proxy/metrics.py", "prometheus_client/"),
+    ),
     ("proxy: fast lane (proxy/lane.py; httptools' C parser counts here)", ("proxy/lane.py",)),
     ("proxy: protocol (proxy/server.py)", ("proxy/server.py",)),
     ("proxy: middleware, auth, handler, cache", ("proxy/",)),
