@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Debian packages the tests need, as "command:package" pairs.
 TEST_TOOLS := promtool:prometheus prometheus:prometheus redis-server:redis-server redis-cli:redis-tools
-BENCH_TOOLS := nginx:nginx wrk:wrk taskset:util-linux redis-server:redis-server
+BENCH_TOOLS := nginx:nginx wrk:wrk taskset:util-linux redis-server:redis-server valgrind:valgrind
 
 .PHONY: run test lint typecheck unit tools bench soak clean
 

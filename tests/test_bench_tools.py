@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from bench import hit_parts, log_lines, profile
+from bench import hit_parts, instructions, log_lines, profile
 
 
 def test_hit_parts_times_a_lane_hit_and_each_of_its_parts(
@@ -32,3 +32,18 @@ def test_a_profile_counts_the_request_metrics_where_they_run() -> None:
     )
     parts = dict(profile.summarise(collapsed).parts)
     assert parts["request metrics (proxy/metrics.py, prometheus_client)"] == 0.75
+
+
+def test_the_instruction_count_child_calls_each_part_of_a_hit() -> None:
+    """What `python -m bench.instructions` runs under callgrind: every part, as named."""
+    for name in ("HeadReader.read", "  middleware.log_request", "read + answer"):
+        instructions.child(name, 120)  # a part that is no longer a lane hit raises
+    with pytest.raises(KeyError):
+        instructions.child("no such part", 1)
+
+
+def test_the_instruction_count_is_callgrinds_last_total() -> None:
+    stderr = "==1== Events    : Ir\n==1== Collected : 123456789\n==1==\n==1== I   refs: 1\n"
+    assert instructions.collected(stderr) == 123456789
+    with pytest.raises(SystemExit):
+        instructions.collected("valgrind: not found")
