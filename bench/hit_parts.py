@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -60,6 +61,18 @@ def best_of_five(call: Callable[[], Any], calls: int) -> float:
             proxy_logging.flush_logs()
         best = min(best, (time.perf_counter() - start) / (calls // TURN * TURN))
     return best * 1e6
+
+
+@contextlib.contextmanager
+def logs_to_devnull() -> Iterator[None]:
+    """`proxy.logging.configure`'s JSON pipeline into /dev/null while the block runs."""
+    with open(os.devnull, "wb") as devnull:
+        proxy_logging.configure("info", "json", stream=devnull)
+        try:
+            yield
+        finally:
+            proxy_logging.flush_logs()
+            proxy_logging.reset()
 
 
 async def lane_parts() -> list[tuple[str, Callable[[], Any]]]:
@@ -113,13 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.hit_parts", description=__doc__)
     parser.add_argument("--calls", type=int, default=20_000)
     args = parser.parse_args(argv)
-    with open(os.devnull, "wb") as devnull:
-        proxy_logging.configure("info", "json", stream=devnull)
-        try:
-            rows = asyncio.run(parts(args.calls))
-        finally:
-            proxy_logging.flush_logs()
-            proxy_logging.reset()
+    with logs_to_devnull():
+        rows = asyncio.run(parts(args.calls))
     print(f"best of 5 runs of {args.calls:,} calls, us per call")
     print("| part | us |")
     print("| --- | ---: |")

@@ -22,7 +22,7 @@ import sys
 
 from proxy import logging as proxy_logging
 
-from .hit_parts import TURN, lane_parts
+from .hit_parts import TURN, lane_parts, logs_to_devnull
 
 _COLLECTED = re.compile(r"Collected : (\d+)")
 
@@ -46,13 +46,8 @@ def child(part: str, calls: int) -> None:
             if done % TURN == TURN - 1:
                 proxy_logging.flush_logs()
 
-    with open(os.devnull, "wb") as devnull:
-        proxy_logging.configure("info", "json", stream=devnull)
-        try:
-            asyncio.run(run())
-        finally:
-            proxy_logging.flush_logs()
-            proxy_logging.reset()
+    with logs_to_devnull():
+        asyncio.run(run())
 
 
 def instructions(part: str, calls: int) -> int:
@@ -91,13 +86,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _names() -> list[str]:
-    with open(os.devnull, "wb") as devnull:
-        proxy_logging.configure("info", "json", stream=devnull)
-        try:
-            return [name for name, _ in asyncio.run(lane_parts())]
-        finally:
-            proxy_logging.flush_logs()
-            proxy_logging.reset()
+    with logs_to_devnull():
+        return [name for name, _ in asyncio.run(lane_parts())]
 
 
 if __name__ == "__main__":
