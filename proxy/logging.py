@@ -356,9 +356,10 @@ def _wrapper_class(level: int) -> type[Any]:
     for the event dict. With the JSON pipeline of `configure` unchanged, it runs those
     processors inline, each as it would run: the context variables merged, the level,
     the timestamp, the exception formatter and the redaction only where they have
-    something to do, and the renderer; a line costs a third of structlog's way then
-    (`python -m bench.log_lines`). Otherwise it goes through structlog's own
-    `_process_event` (the hook structlog documents for custom wrapper classes).
+    something to do, and the renderer; a line costs three quarters of the instructions
+    of structlog's way then (`python -m bench.instructions`). Otherwise it goes through
+    structlog's own `_process_event` (the hook structlog documents for custom wrapper
+    classes).
     """
     base: Any = structlog.make_filtering_bound_logger(level)
 
