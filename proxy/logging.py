@@ -303,12 +303,11 @@ class BoundOnce:
     `configure` sets, it hands `fields` to the processors without re-packing them.
     """
 
-    __slots__ = ("_generation", "_info", "_logger", "_name")
+    __slots__ = ("_generation", "_info", "_name")
 
     def __init__(self, name: str) -> None:
         self._name = name
         self._generation = -1
-        self._logger: Any = None
         self._info: Callable[[str, dict[str, Any]], None] = _unbound
 
     def info(self, event: str, fields: dict[str, Any]) -> None:
@@ -316,23 +315,8 @@ class BoundOnce:
             self._bind()
         self._info(event, fields)
 
-    def writer(self) -> LineWriter | None:
-        """The writer, when this logger's line may be written straight to it (without the
-        processors, `RequestLine`): the JSON pipeline of `configure`, unchanged, at the
-        info level or below. None: the line takes `info`'s way."""
-        if self._generation != _generation:
-            self._bind()
-        pipeline = _json_pipeline
-        logger = self._logger
-        if pipeline is None or not pipeline.info or logger._context:
-            return None
-        if logger._processors != pipeline.processors:
-            return None
-        writer: LineWriter = logger._logger
-        return writer
-
     def _bind(self) -> None:
-        self._logger = logger = structlog.get_logger(self._name).bind()
+        logger = structlog.get_logger(self._name).bind()
         line = getattr(logger, "line", None)
         if line is None:  # structlog's own wrapper class (no `configure` yet)
 
@@ -347,85 +331,6 @@ def _unbound(event: str, fields: dict[str, Any]) -> None:
     raise AssertionError("BoundOnce.info binds first")
 
 
-# The request line as the JSON pipeline renders it (orjson, keys in this order), for
-# values that need no escaping (`RequestLine`).
-_REQUEST_TEMPLATE = (
-    '{"request_id":"%s","method":"%s","caller":"%s","auth":"%s","organization":"%s",'
-    '"invoice_id":"%s","status":%d,"cache":"%s","duration_ms":%r,"event":"request",'
-    '"level":"info","timestamp":"%s"}'
-)
-
-
-class RequestLine:
-    """The one line of every request (`middleware.log_request`), written straight from a
-    template when that gives the bytes the pipeline would write; else as `info` writes it.
-
-    Straight means: the JSON pipeline of `configure` unchanged and at info or below
-    (`BoundOnce.writer`), no context variable bound (nothing to merge), and values the
-    template renders as orjson does: strings of printable ASCII with no quote or
-    backslash (nothing to escape), an `int` status, and a duration that Python's `repr`
-    and orjson both write in plain decimals. Every field of the line is one
-    `_TRUSTED_VALUES` names, so redaction has nothing to do either. At a cache hit's
-    rate this is a third of the instructions of the inline pipeline (`line`), which
-    takes every other line; tests/test_logging.py checks the two write the same bytes.
-    """
-
-    __slots__ = ("_bound",)
-
-    def __init__(self, name: str) -> None:
-        self._bound = BoundOnce(name)
-
-    def __call__(
-        self,
-        request_id: str,
-        method: str,
-        caller: str,
-        auth: str | None,
-        organization: str | None,
-        invoice_id: str | None,
-        status: int,
-        cache: str,
-        duration_ms: float,
-    ) -> None:
-        writer = self._bound.writer()
-        if writer is not None and not structlog.contextvars.get_contextvars():
-            try:
-                text = request_id + method + caller + auth + organization + invoice_id + cache  # type: ignore[operator]
-            except TypeError:  # a None (or something else) among them
-                text = ""
-            if (
-                text
-                and text.isascii()
-                and text.isprintable()
-                and '"' not in text
-                and "\\" not in text
-                and type(status) is int
-                and type(duration_ms) is float
-                and (1e-4 <= duration_ms < 1e15 or duration_ms == 0.0)
-            ):
-                assert _json_pipeline is not None  # writer() found it
-                line = _REQUEST_TEMPLATE % (
-                    request_id, method, caller, auth, organization, invoice_id, status, cache,
-                    duration_ms, _json_pipeline.timestamper.now(),
-                )  # fmt: skip
-                writer.msg(line.encode("ascii"))
-                return
-        self._bound.info(
-            "request",
-            {
-                "request_id": request_id,
-                "method": method,
-                "caller": caller,
-                "auth": auth,
-                "organization": organization,
-                "invoice_id": invoice_id,
-                "status": status,
-                "cache": cache,
-                "duration_ms": duration_ms,
-            },
-        )
-
-
 class _JsonPipeline:
     """The processors `configure` sets for JSON lines, as `line` runs them inline.
 
@@ -434,12 +339,11 @@ class _JsonPipeline:
     structlog's own way.
     """
 
-    __slots__ = ("info", "processors", "timestamper")
+    __slots__ = ("processors", "timestamper")
 
-    def __init__(self, processors: list[Any], timestamper: UTCTimestamper, level: int) -> None:
+    def __init__(self, processors: list[Any], timestamper: UTCTimestamper) -> None:
         self.processors = list(processors)
         self.timestamper = timestamper
-        self.info = level <= logging.INFO  # an info line is written
 
 
 _json_pipeline: _JsonPipeline | None = None  # set by `configure` with fmt="json"
@@ -532,13 +436,10 @@ def configure(
         redact_secrets,
         *renderer,
     ]
-    level_number = getattr(logging, level.upper(), logging.INFO)
-    _json_pipeline = (
-        _JsonPipeline(processors, timestamper, level_number) if fmt != "console" else None
-    )
+    _json_pipeline = _JsonPipeline(processors, timestamper) if fmt != "console" else None
     structlog.configure(
         processors=processors,
-        wrapper_class=_wrapper_class(level_number),
+        wrapper_class=_wrapper_class(getattr(logging, level.upper(), logging.INFO)),
         logger_factory=lambda *_args: writer,
         cache_logger_on_first_use=cache,
     )

@@ -25,7 +25,7 @@ from .metrics import Metrics
 from .upstream import UpstreamFailure
 
 log = structlog.get_logger("proxy.access")
-_request_line = proxy_logging.RequestLine("proxy.access")  # the line of every request
+_request_log = proxy_logging.BoundOnce("proxy.access")  # the line of every request
 
 # Facts the handler learns, for the middleware's log line and metrics.
 CALLER = web.RequestKey("caller", str)
@@ -76,10 +76,20 @@ def log_request(
     seconds: float,
 ) -> None:
     """The one log line of an answered request (aiohttp's, or the fast lane's: `proxy.lane`)."""
-    _request_line(
-        request_id, method, caller, auth, organization, invoice_id, status, cache,
-        round(seconds * 1000, 3),
-    )  # fmt: skip
+    _request_log.info(
+        "request",
+        {
+            "request_id": request_id,
+            "method": method,
+            "caller": caller,
+            "auth": auth,
+            "organization": organization,
+            "invoice_id": invoice_id,
+            "status": status,
+            "cache": cache,
+            "duration_ms": round(seconds * 1000, 3),
+        },
+    )
 
 
 def request_id_logged(request: web.Request) -> AbstractContextManager[None]:
