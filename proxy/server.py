@@ -145,7 +145,10 @@ class _Protocol(RequestHandler):
     """One connection: aiohttp's HTTP/1.1, a time limit per request head, JSON errors,
     and with the fast lane, the hits it answers itself (`proxy.lane`)."""
 
-    __slots__ = ("_allow", "_head_timeout_s", "_head_timer", "_lane", "_last_data", "_reader")
+    __slots__ = (
+        "_allow", "_answered_by_aiohttp", "_head_timeout_s", "_head_timer", "_lane", "_last_data",
+        "_reader",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -165,6 +168,9 @@ class _Protocol(RequestHandler):
         self._reader = reader  # None: aiohttp reads every byte of this connection
         # The last bytes read, kept (not copied) only to tell an unknown method from junk.
         self._last_data = b""
+        # The requests aiohttp read (`_request_count`) whose answers it finished, each
+        # keeping the connection open: with as many as it read, it has nothing in flight.
+        self._answered_by_aiohttp = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -218,12 +224,23 @@ class _Protocol(RequestHandler):
         self._to_aiohttp(data)
 
     def _idle(self) -> bool:
-        """aiohttp has nothing under way on this connection: it waits for a request."""
+        """aiohttp has nothing under way on this connection: it waits for a request.
+
+        Either its loop waits for the next request, or that loop is about to: a new
+        connection before the loop first ran, or every request aiohttp read is answered
+        and kept the connection open, and the loop has not yet come round to wait again.
+        That takes an event-loop turn, in which the next request of a quick client often
+        arrives; were the lane to leave it to aiohttp, every later one would arrive in
+        such a turn too, and the connection would never come back to the lane.
+        """
         waiter = self._waiter
+        if waiter is None:
+            if self._answered_by_aiohttp != self._request_count:
+                return False  # a request read, its answer not finished
+        elif waiter.done():
+            return False
         return (
-            waiter is not None
-            and not waiter.done()
-            and not self._messages
+            not self._messages
             and not self._request_in_progress
             and self._keepalive
             and not self._upgraded
@@ -232,6 +249,19 @@ class _Protocol(RequestHandler):
             and self.transport is not None
             and not self.transport.is_closing()
         )
+
+    async def _handle_request(
+        self,
+        request: BaseRequest,
+        start_time: float | None,
+        request_handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
+    ) -> tuple[web.StreamResponse, bool]:
+        """aiohttp's handling of one request it read, counted once its answer is written
+        whole and keeps the connection open (`_idle`)."""
+        response, reset = await super()._handle_request(request, start_time, request_handler)
+        if not reset and response.keep_alive:
+            self._answered_by_aiohttp += 1
+        return response, reset
 
     def _kept_alive(self) -> None:
         """After an answer: the keep-alive timeout counts from now, as in aiohttp's loop."""

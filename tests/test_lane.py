@@ -14,6 +14,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from proxy import lane as lane_module
+from proxy import server as server_module
 from proxy.app import LANE
 from proxy.lane import Head, HeadReader
 
@@ -141,6 +142,51 @@ async def test_after_a_head_split_over_reads_the_lane_answers_the_next_hit(
     finally:
         writer.close()
     assert lane.answered == 1  # the split head was aiohttp's, the whole one the lane's
+
+
+async def test_a_hit_that_arrives_as_aiohttp_finishes_an_answer_is_the_lanes(
+    make_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiohttp has written its answer whole, and its loop has not yet come round to wait
+    for the next request: a hit that arrives in that event-loop turn is the lane's. A
+    quick client's next request often arrives just then; left to aiohttp, so would every
+    later one, and the connection would never come back to the lane."""
+    proxy = await make_proxy(listen=True)
+    lane = proxy.app[LANE]
+    connections: list[server_module._Protocol] = []
+    made = server_module._Protocol.connection_made
+
+    def noting(protocol: server_module._Protocol, transport: asyncio.BaseTransport) -> None:
+        connections.append(protocol)
+        made(protocol, transport)
+
+    monkeypatch.setattr(server_module._Protocol, "connection_made", noting)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(head())  # the miss: aiohttp's
+        # The turn after aiohttp's handler ended (the proxy counts the answer as it
+        # ends), before aiohttp's loop waits again (its `_waiter`, private, is set then).
+        # The ready queue runs in order, so a step of this loop sees that turn.
+        for _ in range(100_000):
+            if connections:
+                protocol = connections[0]
+                if protocol._answered_by_aiohttp == 1 and protocol._waiter is None:
+                    break
+            await asyncio.sleep(0)
+        else:
+            pytest.fail("aiohttp did not answer the miss")
+        protocol.data_received(head())  # the next request's bytes, read in that turn
+        assert lane.answered == 1
+        writer.write(head())
+        async with asyncio.timeout(5):
+            answers = b""
+            while answers.count(b"X-Cache: HIT") < 2:
+                answers += await reader.read(65536)
+    finally:
+        writer.close()
+    assert answers.count(b"HTTP/1.1 200 OK\r\n") == 3
+    assert answers.index(b"X-Cache: MISS") < answers.index(b"X-Cache: HIT")
+    assert lane.answered == 2
 
 
 # Bytes that matter to a head's cleanness, often: line ends, blanks, controls, non-ASCII.
