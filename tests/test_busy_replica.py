@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from proxy.config import SharedConfig
+from proxy.config import SharedConfig, UpstreamConfig
 from proxy.redis_connection import LAG_SLACK_S
 from proxy.standin import Behaviour
 
@@ -39,10 +39,19 @@ async def busy_loop() -> AsyncIterator[None]:
 
 
 def defaults(server: RedisServer) -> dict[str, dict[str, object]]:
-    """[shared] with its defaults; only the fleet budget out of the way."""
+    """[shared] with its defaults, and the upstream's timeouts (not the helpers' short
+    ones: a fetch waits for its budget as long as in production, and a starved loop
+    on a slow machine takes seconds to run 300 requests); only the fleet budget out of
+    the way."""
+    upstream = UpstreamConfig()
     return {
         "shared": {"redis_url": server.url},
-        "upstream": {"fleet_rate_per_minute": 600_000, "fleet_burst": 1000},
+        "upstream": {
+            "timeout_s": upstream.timeout_s,
+            "deadline_s": upstream.deadline_s,
+            "fleet_rate_per_minute": 600_000,
+            "fleet_burst": 1000,
+        },
     }
 
 
