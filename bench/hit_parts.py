@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from proxy import logging as proxy_logging
-from proxy.auth import Authenticator
+from proxy.auth import Authenticator, KnownKey
 from proxy.cache import InvoiceCache
 from proxy.config import CacheConfig, CallerConfig
 from proxy.invoice import InvoiceFacts
@@ -92,7 +92,8 @@ async def lane_parts() -> list[tuple[str, Callable[[], Any]]]:
     lane = FastLane(callers, cache, metrics)
     reader = HeadReader(8190, 100)
     heads = reader.read(HEAD)
-    assert heads is not None and lane.answer(heads[0], None) is not None, "not a lane hit"
+    connection = KnownKey()  # one keep-alive connection's, as under wrk
+    assert heads is not None and lane.answer(heads[0], None, connection) is not None, "not a hit"
     head = heads[0]
     fields: dict[str, Any] = {
         "request_id": request_id_for(None), "method": "GET", "caller": "bench", "auth": "key",
@@ -103,15 +104,16 @@ async def lane_parts() -> list[tuple[str, Callable[[], Any]]]:
     def read_and_answer() -> None:
         found = reader.read(HEAD)
         assert found is not None
-        lane.answer(found[0], None)
+        lane.answer(found[0], None, connection)
 
     return [
         ("HeadReader.read", lambda: reader.read(HEAD)),
-        ("FastLane.answer (all below)", lambda: lane.answer(head, None)),
+        ("FastLane.answer (all below)", lambda: lane.answer(head, None, connection)),
         ("  middleware.log_request", lambda: log_request(**fields)),
         ("  Metrics.request_done", lambda: metrics.request_done("bench", 200, "hit", 6e-6)),
         ("  InvoiceCache.count_hit", cache.count_hit),
-        ("  Authenticator.known", lambda: callers.known("Bearer " + KEY, None)),
+        ("  Authenticator.known_on", lambda: callers.known_on(connection, "Bearer " + KEY, None)),
+        ("  (Authenticator.known: a new connection)", lambda: callers.known("Bearer " + KEY, None)),
         ("  InvoiceCache.peek", lambda: cache.peek(("acme", "hot-000"))),
         ("  request_id_for", lambda: request_id_for(None)),
         ("read + answer", read_and_answer),

@@ -75,6 +75,22 @@ class Caller:
                 )
 
 
+class KnownKey:
+    """A connection's last caller key and what `Authenticator.known_on` found for it.
+
+    A client's requests on one connection bear the same `Authorization`, as a rule.
+    Only a key is kept (a JWT has an `exp` to check again; a certificate's caller is
+    found without a digest), with the caller list it was found in.
+    """
+
+    __slots__ = ("authorization", "callers", "found")
+
+    def __init__(self) -> None:
+        self.authorization: str | None = None
+        self.callers: object = None  # the `_by_digest` the key was found in
+        self.found: tuple[Caller, str] | None = None
+
+
 class Authenticator:
     """Finds the caller for an `Authorization` header (a key or a JWT) or a client
     certificate; its caller list can be replaced live."""
@@ -138,6 +154,26 @@ class Authenticator:
             return self._by_certificate(peercert)
         key = _bearer(authorization)
         return self._by_digest_of(_digest(key)) if key else None
+
+    def known_on(
+        self, connection: KnownKey, authorization: str | None, peercert: dict[str, Any] | None
+    ) -> tuple[Caller, str] | None:
+        """`known`, for a request on a connection whose last request bore the same
+        caller key: that key's caller again, without its digest, while the caller list
+        it was found in is the current one (`replace` makes a new list)."""
+        if (
+            authorization is not None
+            and connection.callers is self._by_digest
+            and connection.authorization is not None
+            and hmac.compare_digest(authorization, connection.authorization)
+        ):
+            return connection.found
+        found = self.known(authorization, peercert)
+        if found is not None and found[1] == KEY:
+            connection.authorization = authorization
+            connection.callers = self._by_digest
+            connection.found = found
+        return found
 
     async def authenticate(
         self, authorization: str | None, peercert: dict[str, Any] | None = None

@@ -43,7 +43,7 @@ from email.utils import formatdate
 import httptools
 from aiohttp.http import SERVER_SOFTWARE
 
-from .auth import Authenticator
+from .auth import Authenticator, KnownKey
 from .cache import Entry, InvoiceCache
 from .handlers import etag_matches, peercert
 from .metrics import Metrics
@@ -360,16 +360,19 @@ class FastLane:
         entry.prepared = prepared
         return prepared.size
 
-    def answer(self, head: Head, transport: asyncio.BaseTransport | None) -> bytes | None:
+    def answer(
+        self, head: Head, transport: asyncio.BaseTransport | None, connection: KnownKey
+    ) -> bytes | None:
         """The whole answer to `head` when it is a hit the lane may serve, else None
-        (nothing was changed: aiohttp answers it as if the lane had not looked)."""
+        (nothing was changed: aiohttp answers it as if the lane had not looked).
+        `connection`: the caller key last found on this connection."""
         start = time.perf_counter()
         invoice = head.invoice
         if invoice is None:
             return None
         authorization = head.authorization
-        known = self._callers.known(
-            authorization, peercert(transport) if authorization is None else None
+        known = self._callers.known_on(
+            connection, authorization, peercert(transport) if authorization is None else None
         )
         if known is None:
             return None

@@ -40,6 +40,7 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
 from . import errors
+from .auth import KnownKey
 from .config import ServerConfig
 from .errors import ProxyError, error_response
 from .lane import FastLane, Head, HeadReader
@@ -146,8 +147,8 @@ class _Protocol(RequestHandler):
     and with the fast lane, the hits it answers itself (`proxy.lane`)."""
 
     __slots__ = (
-        "_allow", "_answered_by_aiohttp", "_head_timeout_s", "_head_timer", "_lane", "_last_data",
-        "_reader",
+        "_allow", "_answered_by_aiohttp", "_head_timeout_s", "_head_timer", "_known", "_lane",
+        "_last_data", "_reader",
     )  # fmt: skip
 
     def __init__(
@@ -166,6 +167,7 @@ class _Protocol(RequestHandler):
         self._allow = allow
         self._lane = lane
         self._reader = reader  # None: aiohttp reads every byte of this connection
+        self._known = KnownKey()  # the caller key the lane last found on this connection
         # The last bytes read, kept (not copied) only to tell an unknown method from junk.
         self._last_data = b""
         # The requests aiohttp read (`_request_count`) whose answers it finished, each
@@ -200,7 +202,7 @@ class _Protocol(RequestHandler):
             if not head.end or not self._idle():
                 break
             try:
-                answer = self._lane.answer(head, self.transport)
+                answer = self._lane.answer(head, self.transport, self._known)
             except Exception:
                 # A bug in the lane: nothing of this answer was written; aiohttp answers
                 # it, and the rest of the connection.

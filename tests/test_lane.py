@@ -15,10 +15,11 @@ from hypothesis import strategies as st
 
 from proxy import lane as lane_module
 from proxy import server as server_module
-from proxy.app import LANE
+from proxy.app import CALLERS, LANE
+from proxy.config import CallerConfig
 from proxy.lane import Head, HeadReader
 
-from .helpers import BILLING_KEY, ProxyFactory, get, invoice_path, metric
+from .helpers import BILLING_KEY, REPORTING_KEY, ProxyFactory, get, invoice_path, key_digest, metric
 
 DATE = re.compile(rb"\r\nDate: [^\r]*\r\n")
 GENERATED_ID = re.compile(rb"\r\nX-Request-ID: [0-9a-f]{32}\r\n")
@@ -187,6 +188,50 @@ async def test_a_hit_that_arrives_as_aiohttp_finishes_an_answer_is_the_lanes(
     assert answers.count(b"HTTP/1.1 200 OK\r\n") == 3
     assert answers.index(b"X-Cache: MISS") < answers.index(b"X-Cache: HIT")
     assert lane.answered == 2
+
+
+async def one_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """The status and head of the next answer on a connection (its body read past)."""
+    async with asyncio.timeout(5):
+        answer_head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"\r\nContent-Length: (\d+)\r\n", answer_head)
+        await reader.readexactly(int(length[1]) if length else 0)
+    return int(answer_head[9:12]), answer_head
+
+
+async def test_each_request_on_a_connection_is_judged_by_its_own_key(
+    make_proxy: ProxyFactory,
+) -> None:
+    """The lane keeps a connection's last caller key, and finds its caller again
+    without a digest; a request with another key, or with the same key once the callers
+    changed (SIGHUP), is judged afresh."""
+    proxy = await make_proxy(listen=True)
+    lane = proxy.app[LANE]
+    globex = invoice_path("globex", "inv_9")  # the reporting caller may read it, billing not
+
+    def ask(key: str) -> bytes:
+        return head(path=globex).replace(BILLING_KEY.encode(), key.encode())
+
+    wrong = REPORTING_KEY[:-1] + ("x" if REPORTING_KEY[-1] != "x" else "y")  # same length
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        statuses = []
+        for key in (REPORTING_KEY, REPORTING_KEY, BILLING_KEY, wrong, REPORTING_KEY):
+            writer.write(ask(key))
+            statuses.append((await one_answer(reader))[0])
+        assert statuses == [200, 200, 403, 401, 200]
+        assert lane.answered == 2  # the second and the last: hits of a caller allowed
+        proxy.app[CALLERS].replace(
+            [CallerConfig(name="billing-service", key_sha256=(key_digest(BILLING_KEY),),
+                          organizations=("globex",))]
+        )  # fmt: skip
+        writer.write(ask(REPORTING_KEY))
+        assert (await one_answer(reader))[0] == 401
+        writer.write(ask(BILLING_KEY))
+        assert (await one_answer(reader))[0] == 200
+        assert lane.answered == 3
+    finally:
+        writer.close()
 
 
 # Bytes that matter to a head's cleanness, often: line ends, blanks, controls, non-ASCII.
