@@ -26,7 +26,9 @@ The common head (whole, clean, keep-alive, header names that are tokens and valu
 printable ASCII) the lane reads itself, without llhttp and cheaper
 (`HeadReader._plain_reading`), but only where llhttp would read it as a new request and
 could read it no other way; it reads the head as llhttp does (tests/test_lane.py checks
-that). llhttp reads everything else, any head the lane is not sure of included.
+that). A client sends the same headers on a connection, as a rule: when a head's header
+block is the last one's, only its request line is read again. llhttp reads everything
+else, any head the lane is not sure of included.
 
 The answer, the log line and the metrics are those of the aiohttp path (`handlers`,
 `middleware.log_request`): the same bytes but for the `Date` and `X-Request-ID` values.
@@ -75,6 +77,9 @@ _PLAIN_REQUEST = re.compile(
     rb"(GET|HEAD) (%s) HTTP/1\.([01])\r\n((?:[!#$%%&'*+.^_`|~0-9A-Za-z-]+:[ -~]*\r\n)*)\r\n"
     % _URL.pattern
 )
+# Its request line alone. `_URL` holds no CR or LF, so a head `_PLAIN_REQUEST` matches
+# is this up to its first CRLF, and a header block it matched after it.
+_PLAIN_LINE = re.compile(rb"(GET|HEAD) (%s) HTTP/1\.([01])\r\n" % _URL.pattern)
 _METHODS = (b"GET /", b"HEAD /")
 _HEAD_END = b"\r\n\r\n"
 # What llhttp raises for a head it refuses, or for an upgrade (a callback's own error,
@@ -115,8 +120,8 @@ class HeadReader:
     """
 
     __slots__ = (
-        "_complete", "_current", "_max_bytes", "_max_headers", "_parser", "_parser_ready",
-        "_pending",
+        "_block", "_block_read", "_complete", "_current", "_max_bytes", "_max_headers",
+        "_parser", "_parser_ready", "_pending",
     )  # fmt: skip
 
     def __init__(self, max_bytes: int, max_headers: int) -> None:
@@ -130,6 +135,10 @@ class HeadReader:
         # llhttp would read the next byte as the start of a request: it has read nothing
         # of the head under way, and the request before kept the connection open.
         self._parser_ready = True
+        # The header block (after the request line) of the last head read without llhttp,
+        # and what it says: a client sends the same headers on a connection, as a rule.
+        self._block = b""
+        self._block_read = Head()
 
     # llhttp's callbacks (httptools assembles each header before calling on_header).
     def on_url(self, url: bytes) -> None:
@@ -245,25 +254,48 @@ class HeadReader:
         llhttp reads it instead (and judges it).
 
         The common head costs llhttp a Python callback per header and the clean checks
-        after it; this reads it with one regular expression and a split. It is sure only
+        after it; this reads it with one regular expression and a split, or only its
+        request line when its header block is the last one's (`_block`). It is sure only
         of a clean head (see the module's docstring) that `_PLAIN_REQUEST` matches and
         that keeps the connection open; tests/test_lane.py checks it against llhttp's
         reading. llhttp, strict, has no other reading of such bytes; it is not shown
         them, and as it waited for a request (`_parser_ready`), it still does after them.
         """
-        plain = _PLAIN_REQUEST.fullmatch(head_bytes)
-        if plain is None or len(head_bytes) > self._max_bytes:
+        if len(head_bytes) > self._max_bytes:
             return None
         head = Head()
-        method, head.url, organization, invoice_id, minor, fields = plain.groups()
+        line_end = head_bytes.find(b"\r\n") + 2
+        if (
+            self._block
+            and head_bytes.endswith(self._block)
+            and len(self._block) + line_end == len(head_bytes)
+        ):
+            # The last head's header block again: only the request line is new.
+            plain = _PLAIN_LINE.fullmatch(head_bytes, 0, line_end)
+            if plain is None:
+                return None
+            method, head.url, organization, invoice_id, minor = plain.groups()
+            known = self._block_read
+            head.headers = known.headers  # never changed once read
+            head.authorization = known.authorization
+            head.if_none_match = known.if_none_match
+            head.request_id = known.request_id
+            head.connection = known.connection
+        else:
+            plain = _PLAIN_REQUEST.fullmatch(head_bytes)
+            if plain is None:
+                return None
+            method, head.url, organization, invoice_id, minor, fields = plain.groups()
+            for field in fields[:-2].split(b"\r\n") if fields else ():
+                name, _, value = field.partition(b":")
+                self._header(head, name.lower(), value)
+            if head.error:
+                return None
+            self._block = head_bytes[line_end:]
+            self._block_read = head
         head.method = "GET" if method == b"GET" else "HEAD"
         if organization is not None:
             head.invoice = (organization, invoice_id)
-        for field in fields[:-2].split(b"\r\n") if fields else ():
-            name, _, value = field.partition(b":")
-            self._header(head, name.lower(), value)
-        if head.error:
-            return None
         # llhttp's keep-alive: HTTP/1.1 unless `Connection: close`, 1.0 with `keep-alive`.
         if minor == b"1":
             if head.connection == b"close" or b"host" not in head.headers:

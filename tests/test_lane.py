@@ -380,6 +380,61 @@ def test_a_head_the_lane_reads_itself_is_read_as_llhttp_reads_it(
         assert [reading(plain)] == readings(heads)
 
 
+def with_block_of(first: bytes, others: list[bytes]) -> list[bytes]:
+    """`first` (to its blank line), then each of `others`' request lines (to their first
+    CRLF) before `first`'s header block: heads a client sends on one connection."""
+    first = first[: first.find(b"\r\n\r\n") + 4]
+    block = first[first.find(b"\r\n") + 2 :]
+    return [first, *(other[: other.find(b"\r\n") + 2] + block for other in others)]
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [b"GET /v1/organizations/acme/invoices/hot-001 HTTP/1.1\r\n"],
+        [b"HEAD /v1/organizations/globex/invoices/inv_2 HTTP/1.0\r\n", b"GET / HTTP/1.1\r\n"],
+        [b"POST /v1/organizations/acme/invoices/a HTTP/1.1\r\n", b"GET /a b HTTP/1.1\r\n"],
+    ],
+)
+def test_a_head_with_the_last_heads_header_block_is_read_by_its_request_line(
+    lines: list[bytes],
+) -> None:
+    """The lane reads only the request line of a head whose header block it read last
+    (`_block`), and reads it as llhttp does."""
+    heads = with_block_of(COMMON_HEAD, lines)
+    reader, llhttp = HeadReader(8190, 64), LlhttpReader(8190, 64)
+    assert reader.read(heads[0]) is not None
+    assert reader._block == COMMON_HEAD[COMMON_HEAD.find(b"\r\n") + 2 :]
+    for head_bytes in heads:
+        assert readings(reader.read(head_bytes)) == readings(llhttp.read(head_bytes))
+
+
+@given(
+    first=request_heads(),
+    others=st.lists(request_heads(), min_size=1, max_size=4),
+    limits=LIMITS,
+)
+def test_heads_that_share_a_header_block_are_read_as_llhttp_reads_them(
+    first: bytes, others: list[bytes], limits: tuple[int, int]
+) -> None:
+    """Heads with one header block and any request lines, read by one reader (which
+    reads only the request line after the first), are read as llhttp reads them, and
+    each as a reader that never saw the others reads it."""
+    reader, llhttp = HeadReader(*limits), LlhttpReader(*limits)
+    for head_bytes in with_block_of(first, others):
+        alone = HeadReader(*limits)._plain_reading(head_bytes)
+        plain = reader._plain_reading(head_bytes)
+        assert (None if plain is None else reading(plain)) == (
+            None if alone is None else reading(alone)
+        )
+    reader = HeadReader(*limits)
+    for head_bytes in with_block_of(first, others):
+        got = reader.read(head_bytes)
+        assert readings(got) == readings(llhttp.read(head_bytes))
+        if got is None:
+            return
+
+
 @given(
     heads=st.lists(request_heads(), min_size=1, max_size=4),
     cuts=st.lists(st.integers(0, 600), max_size=3),
