@@ -113,7 +113,10 @@ async def lane_parts() -> list[tuple[str, Callable[[], Any]]]:
         ("  Metrics.request_done", lambda: metrics.request_done("bench", 200, "hit", 6e-6)),
         ("  InvoiceCache.count_hit", cache.count_hit),
         ("  Authenticator.known_on", lambda: callers.known_on(connection, "Bearer " + KEY, None)),
-        ("  (Authenticator.known: a new connection)", lambda: callers.known("Bearer " + KEY, None)),
+        (
+            "  (Authenticator.known_on: a new connection)",
+            lambda: callers.known_on(KnownKey(), "Bearer " + KEY, None),
+        ),
         ("  InvoiceCache.peek", lambda: cache.peek(("acme", "hot-000"))),
         ("  request_id_for", lambda: request_id_for(None)),
         ("read + answer", read_and_answer),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 import time
 from collections import OrderedDict
@@ -76,18 +77,21 @@ class Caller:
 
 
 class KnownKey:
-    """A connection's last caller key and what `Authenticator.known_on` found for it.
+    """A connection's last caller key or JWT and what `Authenticator.known_on` found.
 
-    A client's requests on one connection bear the same `Authorization`, as a rule.
-    Only a key is kept (a JWT has an `exp` to check again; a certificate's caller is
-    found without a digest), with the caller list it was found in.
+    A client's requests on one connection bear the same `Authorization`, as a rule. It
+    is kept with the caller list it was found in and, for a JWT, the remembered tokens
+    it was found among and its `exp` (a JWT the remembered tokens let go for room is
+    still this connection's until then). A certificate's caller takes no digest to find.
     """
 
-    __slots__ = ("authorization", "callers", "found")
+    __slots__ = ("authorization", "callers", "expires", "found", "tokens")
 
     def __init__(self) -> None:
         self.authorization: str | None = None
-        self.callers: object = None  # the `_by_digest` the key was found in
+        self.callers: object = None  # the `_by_digest` it was found in
+        self.tokens: object = None  # the `_remembered` of that time (`forget_tokens`)
+        self.expires = math.inf  # a JWT's exp
         self.found: tuple[Caller, str] | None = None
 
 
@@ -145,33 +149,37 @@ class Authenticator:
     def names(self) -> list[str]:
         return self._names
 
-    def known(
-        self, authorization: str | None, peercert: dict[str, Any] | None = None
-    ) -> tuple[Caller, str] | None:
-        """The caller named without verifying anything new (a key, a JWT remembered
-        until its `exp`, a certificate URI), and how; None: not known this way."""
-        if authorization is None:
-            return self._by_certificate(peercert)
-        key = _bearer(authorization)
-        return self._by_digest_of(_digest(key)) if key else None
-
     def known_on(
         self, connection: KnownKey, authorization: str | None, peercert: dict[str, Any] | None
     ) -> tuple[Caller, str] | None:
-        """`known`, for a request on a connection whose last request bore the same
-        caller key: that key's caller again, without its digest, while the caller list
-        it was found in is the current one (`replace` makes a new list)."""
+        """The caller named without verifying anything new (a key, a JWT remembered
+        until its `exp`, a certificate URI), and how; None: not known this way.
+
+        On a connection whose last request bore the same key or JWT, its caller again
+        without its digest, while the caller list and the remembered tokens it was found
+        in are the current ones (`replace` and `forget_tokens` make new ones) and a
+        JWT's `exp` has not come."""
         if (
             authorization is not None
             and connection.callers is self._by_digest
+            and connection.tokens is self._remembered
             and connection.authorization is not None
             and hmac.compare_digest(authorization, connection.authorization)
+            and (connection.expires == math.inf or connection.expires > self._clock())
         ):
             return connection.found
-        found = self.known(authorization, peercert)
-        if found is not None and found[1] == KEY:
+        if authorization is None:
+            return self._by_certificate(peercert)
+        key = _bearer(authorization)
+        if not key:
+            return None
+        digest = _digest(key)
+        found = self._by_digest_of(digest)
+        if found is not None:
             connection.authorization = authorization
             connection.callers = self._by_digest
+            connection.tokens = self._remembered
+            connection.expires = math.inf if found[1] == KEY else self._remembered[digest][0]
             connection.found = found
         return found
 

@@ -397,7 +397,7 @@ class FastLane:
     ) -> bytes | None:
         """The whole answer to `head` when it is a hit the lane may serve, else None
         (nothing was changed: aiohttp answers it as if the lane had not looked).
-        `connection`: the caller key last found on this connection."""
+        `connection`: the caller key or JWT last found on this connection."""
         start = time.perf_counter()
         invoice = head.invoice
         if invoice is None:

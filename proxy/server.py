@@ -167,7 +167,7 @@ class _Protocol(RequestHandler):
         self._allow = allow
         self._lane = lane
         self._reader = reader  # None: aiohttp reads every byte of this connection
-        self._known = KnownKey()  # the caller key the lane last found on this connection
+        self._known = KnownKey()  # the caller key or JWT the lane last found here
         # The last bytes read, kept (not copied) only to tell an unknown method from junk.
         self._last_data = b""
         # The requests aiohttp read (`_request_count`) whose answers it finished, each

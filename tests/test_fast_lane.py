@@ -69,6 +69,7 @@ from .helpers import (
     Proxy,
     ProxyFactory,
     Upstream,
+    bearer,
     config_dict,
     get,
     invoice_path,
@@ -882,6 +883,44 @@ async def test_a_hit_the_lane_answers_logs_and_counts_as_aiohttp_does(
     # The hit must be the lane's own. THIS FAILS UNTIL THE LANE LANDS (issue 14).
     assert lane_answered(proxies[0].app) == 1, "the lane did not answer the hit"
     assert lane_answered(proxies[1].app) in (None, 0)
+
+
+async def test_a_jwt_kept_on_a_connection_is_verified_again_when_forgotten_or_expired(
+    make_proxy: ProxyFactory, jwks_url: str
+) -> None:
+    """The lane finds a connection's last JWT again without its digest, but not once
+    the proxy forgot its verified tokens (an issuer withdrew a key): the next request
+    is verified again (aiohttp's), and the one after it is the lane's again. Nor once
+    the JWT's exp has come: then it is refused, on the same connection."""
+    listener = await make_proxy(listen=True, callers=CALLERS, issuers=[issuer(jwks_url)])
+    exp = int(time.time()) + 2
+    claims = {"iss": ISSUER, "aud": [AUDIENCE], "sub": "jwt-service", "iat": exp - 60, "exp": exp}
+    token = jwt.encode(claims, signing_key(), "RS256", headers={"kid": "k1"})
+    request = (
+        f"GET {invoice_path(ORG, WARM[0])} HTTP/1.1\r\nHost: proxy\r\n"
+        f"Authorization: Bearer {token}\r\n\r\n"
+    ).encode()
+    assert (await get(listener, WARM[0], org=ORG, headers=bearer(token))).status == 200
+    reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+    statuses, answered = [], []
+    try:
+        for step in ("hit", "hit", "forget", "hit", "expire"):
+            if step == "forget":
+                listener.app[proxy_app.CALLERS].forget_tokens()
+            if step == "expire":
+                await asyncio.sleep(max(0.0, exp - time.time()) + 0.05)
+            writer.write(request)
+            async with asyncio.timeout(5):
+                answer_head = await reader.readuntil(b"\r\n\r\n")
+                (length,) = re.findall(rb"\r\nContent-Length: (\d+)\r\n", answer_head)
+                await reader.readexactly(int(length))
+            statuses.append(int(answer_head[9:12]))
+            answered.append(lane_answered(listener.app))
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert statuses == [200, 200, 200, 200, 401]
+    assert answered == [1, 2, 2, 3, 3]
 
 
 # --- over TLS, with client certificates -------------------------------------------------
