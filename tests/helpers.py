@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -448,3 +449,12 @@ async def served_process(
         if process.returncode is None:
             os.killpg(process.pid, signal.SIGKILL)  # the workers too, whatever happened
         await asyncio.wait_for(process.wait(), timeout=10)
+
+
+async def one_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """The status and head of the next answer on a connection (its body read past)."""
+    async with asyncio.timeout(5):
+        answer_head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"\r\nContent-Length: (\d+)\r\n", answer_head)
+        await reader.readexactly(int(length[1]) if length else 0)
+    return int(answer_head[9:12]), answer_head

@@ -73,6 +73,7 @@ from .helpers import (
     config_dict,
     get,
     invoice_path,
+    one_answer,
     running_proxy,
     wait_until,
 )
@@ -910,11 +911,7 @@ async def test_a_jwt_kept_on_a_connection_is_verified_again_when_forgotten_or_ex
             if step == "expire":
                 await asyncio.sleep(max(0.0, exp - time.time()) + 0.05)
             writer.write(request)
-            async with asyncio.timeout(5):
-                answer_head = await reader.readuntil(b"\r\n\r\n")
-                (length,) = re.findall(rb"\r\nContent-Length: (\d+)\r\n", answer_head)
-                await reader.readexactly(int(length))
-            statuses.append(int(answer_head[9:12]))
+            statuses.append((await one_answer(reader))[0])
             answered.append(lane_answered(listener.app))
     finally:
         writer.close()

@@ -19,7 +19,16 @@ from proxy.app import CALLERS, LANE
 from proxy.config import CallerConfig
 from proxy.lane import Head, HeadReader
 
-from .helpers import BILLING_KEY, REPORTING_KEY, ProxyFactory, get, invoice_path, key_digest, metric
+from .helpers import (
+    BILLING_KEY,
+    REPORTING_KEY,
+    ProxyFactory,
+    get,
+    invoice_path,
+    key_digest,
+    metric,
+    one_answer,
+)
 
 DATE = re.compile(rb"\r\nDate: [^\r]*\r\n")
 GENERATED_ID = re.compile(rb"\r\nX-Request-ID: [0-9a-f]{32}\r\n")
@@ -123,6 +132,15 @@ async def test_a_failure_in_the_lane_leaves_the_request_to_aiohttp(
     assert "fast_lane_failed" in capsys.readouterr().out
 
 
+async def read_until_hits(reader: asyncio.StreamReader, hits: int) -> bytes:
+    """What a connection sends until it has sent `hits` answers from the cache."""
+    answers = b""
+    async with asyncio.timeout(5):
+        while answers.count(b"X-Cache: HIT") < hits:
+            answers += await reader.read(65536)
+    return answers
+
+
 async def test_after_a_head_split_over_reads_the_lane_answers_the_next_hit(
     make_proxy: ProxyFactory,
 ) -> None:
@@ -136,10 +154,7 @@ async def test_after_a_head_split_over_reads_the_lane_answers_the_next_hit(
             writer.write(piece)
             await writer.drain()
             await asyncio.sleep(0.05)
-        async with asyncio.timeout(5):
-            answers = b""
-            while answers.count(b"X-Cache: HIT") < 2:
-                answers += await reader.read(65536)
+        await read_until_hits(reader, 2)
     finally:
         writer.close()
     assert lane.answered == 1  # the split head was aiohttp's, the whole one the lane's
@@ -179,24 +194,12 @@ async def test_a_hit_that_arrives_as_aiohttp_finishes_an_answer_is_the_lanes(
         protocol.data_received(head())  # the next request's bytes, read in that turn
         assert lane.answered == 1
         writer.write(head())
-        async with asyncio.timeout(5):
-            answers = b""
-            while answers.count(b"X-Cache: HIT") < 2:
-                answers += await reader.read(65536)
+        answers = await read_until_hits(reader, 2)
     finally:
         writer.close()
     assert answers.count(b"HTTP/1.1 200 OK\r\n") == 3
     assert answers.index(b"X-Cache: MISS") < answers.index(b"X-Cache: HIT")
     assert lane.answered == 2
-
-
-async def one_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """The status and head of the next answer on a connection (its body read past)."""
-    async with asyncio.timeout(5):
-        answer_head = await reader.readuntil(b"\r\n\r\n")
-        length = re.search(rb"\r\nContent-Length: (\d+)\r\n", answer_head)
-        await reader.readexactly(int(length[1]) if length else 0)
-    return int(answer_head[9:12]), answer_head
 
 
 async def test_each_request_on_a_connection_is_judged_by_its_own_key(
