@@ -4,9 +4,9 @@ The line proxy/middleware.py writes for each request, through the pipeline
 `proxy.logging.configure` installs, into /dev/null: many lines per event-loop turn, as
 under load, so the writer flushes once per turn. In the same run and the same rounds:
 
-- now: `middleware.log_request`, through the logger bound once per configuration
-  (`proxy.logging.BoundOnce`, structlog's advice) and its wrapper class's `line`,
-  with JSONRenderer's job done by orjson (bytes), the bytes writer on a binary stream;
+- now: `middleware.log_request`, through `proxy.logging.request_line`, which runs the
+  configured processors inline, with JSONRenderer's job done by orjson (bytes), the
+  bytes writer on a binary stream;
 - lazy proxy: the same pipeline through the module's `structlog.get_logger(...)` and
   `info(**fields)`, as proxy/middleware.py wrote the line before `BoundOnce`;
 - before: the standard library's json renderer and the str writer (rebuilt below as they
@@ -142,7 +142,7 @@ def through(log: Any) -> Callable[[str], None]:
             "request",
             request_id=request_id,
             **FIELDS,
-            duration_ms=round(0.000412 * 1000, 3),
+            duration_ms=round(0.000412 * 1_000_000) / 1000,
         )
 
     return emit

@@ -4,11 +4,12 @@
 last line of defence: code never logs a secret on purpose, but if a later change
 does, anything shaped like a key, token or Authorization header is masked.
 
-The line of every request is cheap, as structlog's performance notes advise: a
-logger bound once (`BoundOnce`) of a filtering wrapper class, orjson's serializer
-(bytes) and a bytes writer on the binary stdout that writes once per event-loop turn
-(`python -m bench.log_lines` measures it). Tests reset with `reset()`, which binds
-such loggers again, not with `structlog.reset_defaults()`.
+The line of every request is cheap, as structlog's performance notes advise:
+`make_filtering_bound_logger`, orjson's serializer (bytes) and a bytes writer on the
+binary stdout that writes once per event-loop turn; `request_line` runs the configured
+processors inline while their list is unchanged (`python -m bench.log_lines` measures
+it). Tests reset with `reset()`, which binds loggers bound once (`BoundOnce`) again,
+not with `structlog.reset_defaults()`.
 """
 
 from __future__ import annotations
@@ -121,18 +122,26 @@ def redact_secrets(
     return event_dict
 
 
+# The microseconds of a timestamp after its millisecond, with the `Z`: "000Z" to "999Z".
+_MICROSECONDS = tuple("%03dZ" % micro for micro in range(1000))  # noqa: UP031
+
+
 class UTCTimestamper:
     """`TimeStamper(fmt="iso", utc=True)`'s output, with the date formatted once a second.
 
     Formatting a datetime costs more than the rest of the timestamp: on the hit path
-    it is done for every request.
+    it is done for every request. Up to its millisecond a timestamp is formatted once
+    per millisecond (the request lines of one loop turn share it), its microseconds
+    are looked up.
     """
 
-    __slots__ = ("_prefix", "_second")
+    __slots__ = ("_milli", "_prefix", "_second", "_to_milli")
 
     def __init__(self) -> None:
         self._second = -1
         self._prefix = ""
+        self._milli = -1
+        self._to_milli = ""
 
     def __call__(
         self, _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
@@ -141,11 +150,15 @@ class UTCTimestamper:
         return event_dict
 
     def now(self) -> str:
-        second, microseconds = divmod(time.time_ns() // 1000, 1_000_000)
-        if second != self._second:
-            self._second = second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return "%s.%06dZ" % (self._prefix, microseconds)  # noqa: UP031 (faster)
+        milli, micro = divmod(time.time_ns() // 1000, 1000)
+        if milli != self._milli:
+            self._milli = milli
+            second, in_second = divmod(milli, 1000)
+            if second != self._second:
+                self._second = second
+                self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._to_milli = "%s.%03d" % (self._prefix, in_second)  # noqa: UP031 (faster)
+        return self._to_milli + _MICROSECONDS[micro]
 
 
 def _default(value: Any) -> Any:
@@ -272,18 +285,24 @@ class LineWriter:
 
 
 def _whole_lines(lines: list[bytes], limit: int) -> Iterator[bytes]:
-    """The lines in as few writes as possible: whole lines, at most `limit` bytes each.
+    """The lines in as few writes as possible: whole lines, at most `limit` bytes each
+    (a line longer than that alone).
 
     Up to PIPE_BUF bytes, a write to a pipe is atomic: with `server.workers` several
-    processes share stdout, and a longer write could interleave with another's.
+    processes share stdout, and a longer write could interleave with another's. The
+    lines are joined once and cut at their last newline within each `limit` bytes: a
+    search per write, not a step per line.
     """
-    start, size = 0, 0
-    for i, line in enumerate(lines):
-        if size and size + len(line) + 1 > limit:
-            yield b"\n".join(lines[start:i]) + b"\n"
-            start, size = i, 0
-        size += len(line) + 1
-    yield b"\n".join(lines[start:]) + b"\n"
+    data = b"\n".join(lines) + b"\n"
+    start, end = 0, len(data)
+    while end - start > limit:
+        cut = data.rfind(b"\n", start, start + limit) + 1
+        if cut == 0:  # a line longer than `limit`
+            cut = data.index(b"\n", start + limit) + 1
+        yield data[start:cut]
+        start = cut
+    if start < end:
+        yield data[start:]
 
 
 _writer: LineWriter | None = None
@@ -291,16 +310,13 @@ _generation = 0  # of the configuration: `configure` and `reset` start a new one
 
 
 class BoundOnce:
-    """A logger bound once per configuration, for the line logged at every request.
+    """A logger bound once per configuration: the request line's way when `request_line`
+    cannot take its own (a capture, the console format, a level above info).
 
     structlog's performance advice: the lazy proxy that `get_logger` returns assembles
-    (or looks up) a bound logger at every call, so a line logged often goes through a
-    logger bound once. This is that logger, bound again after `configure` or `reset`.
-    Binding keeps a reference to the configured processor list, which
-    `structlog.testing.capture_logs` edits in place, so captures still see the line.
-
-    `info(event, fields)` is `logger.info(event, **fields)`; with the wrapper class
-    `configure` sets, it hands `fields` to the processors without re-packing them.
+    (or looks up) a bound logger at every call. This is a logger bound again after
+    `configure` or `reset`. Binding keeps a reference to the configured processor list,
+    which `structlog.testing.capture_logs` edits in place, so captures still see the line.
     """
 
     __slots__ = ("_generation", "_info", "_name")
@@ -308,93 +324,77 @@ class BoundOnce:
     def __init__(self, name: str) -> None:
         self._name = name
         self._generation = -1
-        self._info: Callable[[str, dict[str, Any]], None] = _unbound
+        self._info: Callable[..., None] = _unbound
 
     def info(self, event: str, fields: dict[str, Any]) -> None:
         if self._generation != _generation:
-            self._bind()
-        self._info(event, fields)
-
-    def _bind(self) -> None:
-        logger = structlog.get_logger(self._name).bind()
-        line = getattr(logger, "line", None)
-        if line is None:  # structlog's own wrapper class (no `configure` yet)
-
-            def line(event: str, fields: dict[str, Any]) -> None:
-                logger.info(event, **fields)
-
-        self._info = line
-        self._generation = _generation
+            self._info = structlog.get_logger(self._name).bind().info
+            self._generation = _generation
+        self._info(event, **fields)
 
 
-def _unbound(event: str, fields: dict[str, Any]) -> None:
+def _unbound(event: str, **fields: Any) -> None:
     raise AssertionError("BoundOnce.info binds first")
 
 
-class _JsonPipeline:
-    """The processors `configure` sets for JSON lines, as `line` runs them inline.
+class _JsonLines:
+    """What `configure` set for JSON lines at level info or below, as `request_line`
+    runs it: the processor list it configured, a copy of it to tell that list unchanged
+    (`structlog.testing.capture_logs` edits it in place), the timestamper, the writer."""
 
-    `processors` is a copy of the configured list: a logger whose list is no longer
-    equal to it (`structlog.testing.capture_logs` edits the list in place) takes
-    structlog's own way.
-    """
+    __slots__ = ("configured", "processors", "timestamper", "writer")
 
-    __slots__ = ("processors", "timestamper")
-
-    def __init__(self, processors: list[Any], timestamper: UTCTimestamper) -> None:
-        self.processors = list(processors)
+    def __init__(
+        self, configured: list[Any], timestamper: UTCTimestamper, writer: LineWriter
+    ) -> None:
+        self.configured = configured
+        self.processors = list(configured)
         self.timestamper = timestamper
+        self.writer = writer
 
 
-_json_pipeline: _JsonPipeline | None = None  # set by `configure` with fmt="json"
+_json_lines: _JsonLines | None = None  # set by `configure` with fmt="json", level <= info
+_request_logger = BoundOnce("proxy.access")
 
 
-def _wrapper_class(level: int) -> type[Any]:
-    """`make_filtering_bound_logger(level)` with `line`, the `BoundOnce` fast path.
+def request_line(fields: dict[str, Any]) -> None:
+    """Log the line of a request: what `info("request", **fields)` logs, for the fields
+    of `middleware.log_request`, every name of which is in `_TRUSTED_VALUES`.
 
-    `line(event, fields)` does what `info(event, **fields)` does, and takes `fields`
-    for the event dict. With the JSON pipeline of `configure` unchanged, it runs those
-    processors inline, each as it would run: the context variables merged, the level,
-    the timestamp, the exception formatter and the redaction only where they have
-    something to do, and the renderer; a line costs three quarters of the instructions
-    of structlog's way then (`python -m bench.instructions`). Otherwise it goes through
-    structlog's own `_process_event` (the hook structlog documents for custom wrapper
-    classes).
+    It is logged at every request, so it takes structlog's performance advice further:
+    while the JSON pipeline of `configure` is unchanged, it runs those processors inline,
+    each as it would run (the context variables merged, the level, the timestamp, then
+    the exception formatter and the redaction, which have something to do only when a
+    context variable added a field, and the renderer), and hands the bytes to the
+    writer; a line costs half the instructions of structlog's own way then
+    (`python -m bench.instructions`). Otherwise it goes through a logger bound once.
     """
-    base: Any = structlog.make_filtering_bound_logger(level)
-
-    def line(self: Any, event: str, fields: dict[str, Any]) -> None:
-        pipeline = _json_pipeline
-        if pipeline is not None and not self._context and self._processors == pipeline.processors:
-            fields["event"] = event
-            event_dict = structlog.contextvars.merge_contextvars(self._logger, "info", fields)
-            event_dict["level"] = "info"  # add_log_level
-            event_dict["timestamp"] = pipeline.timestamper.now()
-            if "exc_info" in event_dict:  # format_exc_info acts only on this key
-                event_dict = structlog.processors.format_exc_info(self._logger, "info", event_dict)
-            if not _TRUSTED_VALUES.issuperset(event_dict):
-                event_dict = redact_secrets(self._logger, "info", event_dict)
-            self._logger.info(render_json(self._logger, "info", event_dict))
-            return
-        try:
-            args, kw = self._process_event("info", event, fields)
-        except structlog.DropEvent:
-            return
-        self._logger.info(*args, **kw)
-
-    def filtered(self: Any, event: str, fields: dict[str, Any]) -> None:
-        return None
-
-    return type(base.__name__, (base,), {"line": line if level <= logging.INFO else filtered})
+    lines = _json_lines
+    if lines is None or lines.processors != lines.configured:
+        _request_logger.info("request", fields)
+        return
+    writer = lines.writer
+    fields["event"] = "request"
+    size = len(fields)
+    event_dict = structlog.contextvars.merge_contextvars(writer, "info", fields)
+    merged = len(event_dict) != size
+    event_dict["level"] = "info"  # add_log_level
+    event_dict["timestamp"] = lines.timestamper.now()
+    if merged:
+        if "exc_info" in event_dict:  # format_exc_info acts only on this key
+            event_dict = structlog.processors.format_exc_info(writer, "info", event_dict)
+        if not _TRUSTED_VALUES.issuperset(event_dict):
+            event_dict = redact_secrets(writer, "info", event_dict)
+    writer.msg(render_json(writer, "info", event_dict))
 
 
 def reset() -> None:
     """structlog's defaults again (tests): use this, not `structlog.reset_defaults()`,
     so loggers bound once (`BoundOnce`) are bound again."""
-    global _generation, _json_pipeline
+    global _generation, _json_lines
     structlog.reset_defaults()
     _generation += 1
-    _json_pipeline = None
+    _json_lines = None
 
 
 def flush_logs() -> None:
@@ -420,14 +420,14 @@ def configure(
         if fmt == "console"
         else [render_json]
     )
-    global _writer, _generation, _json_pipeline
+    global _writer, _generation, _json_lines
     if _writer is not None:
         _writer.flush()
     _generation += 1
     _writer = writer = LineWriter(_binary(stream or sys.stdout))
     timestamper = UTCTimestamper()
-    # `_wrapper_class`'s `line` runs this list inline when it ends in `render_json`:
-    # a change here is a change there.
+    # `request_line` runs this list inline when it ends in `render_json`: a change here
+    # is a change there.
     processors = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -436,10 +436,12 @@ def configure(
         redact_secrets,
         *renderer,
     ]
-    _json_pipeline = _JsonPipeline(processors, timestamper) if fmt != "console" else None
+    threshold = getattr(logging, level.upper(), logging.INFO)
+    inline = fmt != "console" and threshold <= logging.INFO
+    _json_lines = _JsonLines(processors, timestamper, writer) if inline else None
     structlog.configure(
         processors=processors,
-        wrapper_class=_wrapper_class(getattr(logging, level.upper(), logging.INFO)),
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
         logger_factory=lambda *_args: writer,
         cache_logger_on_first_use=cache,
     )
