@@ -25,7 +25,6 @@ from .metrics import Metrics
 from .upstream import UpstreamFailure
 
 log = structlog.get_logger("proxy.access")
-_request_log = proxy_logging.BoundOnce("proxy.access")  # the line of every request
 
 # Facts the handler learns, for the middleware's log line and metrics.
 CALLER = web.RequestKey("caller", str)
@@ -37,15 +36,16 @@ REQUEST_ID = web.RequestKey("request_id", str)
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 # Request ids: a random prefix per process and a counter. Unique across replicas
-# without a system call per request (uuid4 reads the kernel's random source).
-_ID_PREFIX = secrets.token_hex(8)
+# without a system call per request (uuid4 reads the kernel's random source). The
+# prefix is part of a format (one `%` a request costs half an f-string's format spec).
+_ID_FORMAT = secrets.token_hex(8) + "%016x"
 _id_counter = itertools.count(1)
 
 
 def _draw_id_prefix_after_fork() -> None:
     """A forked worker (`server.workers`) would otherwise hand out its parent's ids."""
-    global _ID_PREFIX, _id_counter
-    _ID_PREFIX = secrets.token_hex(8)
+    global _ID_FORMAT, _id_counter
+    _ID_FORMAT = secrets.token_hex(8) + "%016x"
     _id_counter = itertools.count(1)
 
 
@@ -53,7 +53,7 @@ os.register_at_fork(after_in_child=_draw_id_prefix_after_fork)
 
 
 def new_request_id() -> str:
-    return f"{_ID_PREFIX}{next(_id_counter):016x}"
+    return _ID_FORMAT % next(_id_counter)
 
 
 def request_id_for(header: str | None) -> str:
@@ -75,9 +75,11 @@ def log_request(
     cache: str,
     seconds: float,
 ) -> None:
-    """The one log line of an answered request (aiohttp's, or the fast lane's: `proxy.lane`)."""
-    _request_log.info(
-        "request",
+    """The one log line of an answered request (aiohttp's, or the fast lane's: `proxy.lane`).
+
+    Its fields are all named in `proxy.logging`'s trusted fields: a new one must be too.
+    """
+    proxy_logging.request_line(
         {
             "request_id": request_id,
             "method": method,
@@ -87,8 +89,9 @@ def log_request(
             "invoice_id": invoice_id,
             "status": status,
             "cache": cache,
-            "duration_ms": round(seconds * 1000, 3),
-        },
+            # To the microsecond: round(x, 3) formats x as a decimal string, three times dearer.
+            "duration_ms": round(seconds * 1_000_000) / 1000,
+        }
     )
 
 
