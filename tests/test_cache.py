@@ -8,8 +8,10 @@ import json
 
 import aiohttp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from proxy.cache import ENTRY_OVERHEAD, InvoiceCache
+from proxy.cache import ENTRY_OVERHEAD, Fetcher, InvoiceCache
 from proxy.config import CacheConfig
 from proxy.errors import ProxyError, upstream_error
 from proxy.metrics import Metrics
@@ -179,6 +181,64 @@ async def test_recently_read_entries_survive_eviction(
     await get(proxy, "inv_003")  # evicts inv_001
     assert (await get(proxy, "inv_000")).headers["X-Cache"] == "HIT"
     assert (await get(proxy, "inv_001")).headers["X-Cache"] == "MISS"
+
+
+# What a caller does to the cache: read (a miss stores the invoice), purge, in any order,
+# with bodies of any size up to more than the whole cache.
+CACHE_STEPS = st.lists(
+    st.tuples(st.sampled_from(["read", "purge"]), st.integers(0, 6), st.integers(0, 500)),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=CACHE_STEPS)
+def test_the_cache_keeps_the_most_recently_read_invoices_that_fit(
+    steps: list[tuple[str, int, int]],
+) -> None:
+    """An LRU bounded by bytes, against a model: a read of a cached invoice is a hit and
+    makes it the most recently used; a miss stores it, evicting the least recently used
+    until it fits (each eviction counted), unless it is larger than the whole cache."""
+    max_bytes = 3 * (ENTRY_OVERHEAD + 200)
+    metrics = Metrics()
+    cache = InvoiceCache(CacheConfig(max_bytes=max_bytes), metrics)
+    model: dict[str, int] = {}  # invoice id -> size, the least recently used first
+    evictions = 0
+
+    async def fetch_of(body: bytes) -> Fetcher:
+        async def fetch(organization: str, invoice_id: str) -> Fetched:
+            return Fetched(200, body, None)
+
+        return fetch
+
+    async def run() -> None:
+        nonlocal evictions
+        for step, number, length in steps:
+            invoice_id = f"inv_{number}"
+            if step == "purge":
+                assert cache.purge(("acme", invoice_id)) == (invoice_id in model)
+                model.pop(invoice_id, None)
+            elif invoice_id in model:
+                assert cache.fresh(("acme", invoice_id)) is not None
+                model[invoice_id] = model.pop(invoice_id)
+            else:
+                assert cache.fresh(("acme", invoice_id)) is None
+                body = b"x" * length
+                entry, state = await cache.load("acme", invoice_id, await fetch_of(body))
+                assert (entry.body, state) == (body, "miss")
+                size = len(body) + len("acme") + len(invoice_id) + ENTRY_OVERHEAD
+                if size <= max_bytes:
+                    while sum(model.values()) + size > max_bytes:
+                        del model[next(iter(model))]
+                        evictions += 1
+                    model[invoice_id] = size
+            assert len(cache) == len(model)
+            assert cache.bytes == sum(model.values()) <= max_bytes
+            assert metrics.cache_evictions._value.get() == evictions
+        for invoice_id in model:
+            assert cache.peek(("acme", invoice_id)) is not None
+
+    asyncio.run(run())
 
 
 async def test_forbidden_caller_never_reads_the_cache(proxy: Proxy, upstream: Upstream) -> None:
