@@ -89,16 +89,25 @@ def redact_value(value: str) -> str:
     return _SECRET_VALUES.sub(REDACTED, value)
 
 
-def _redact(value: Any) -> Any:
+# How deep redaction follows dicts and lists. Deeper (a structure that contains itself,
+# or data nested past any log's need) the value is logged as this, not scanned: a field
+# must never turn a log call into a RecursionError.
+_MAX_DEPTH = 16
+TOO_DEEP = "[nested too deep]"
+
+
+def _redact(value: Any, depth: int = 0) -> Any:
     if isinstance(value, str):
         return _SECRET_VALUES.sub(REDACTED, value)
+    if isinstance(value, dict | list | tuple) and depth >= _MAX_DEPTH:
+        return TOO_DEEP
     if isinstance(value, dict):
         return {
-            k: REDACTED if isinstance(k, str) and _kind(k) == _SECRET else _redact(v)
+            k: REDACTED if isinstance(k, str) and _kind(k) == _SECRET else _redact(v, depth + 1)
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):
-        return [_redact(v) for v in value]
+        return [_redact(v, depth + 1) for v in value]
     return value
 
 

@@ -130,6 +130,45 @@ def test_a_secret_inside_an_object_is_masked_in_its_repr() -> None:
     assert line["login"].startswith("_Login(role='r', ") and "[redacted]" in line["login"]
 
 
+def nested_with(secret: str) -> st.SearchStrategy[Any]:
+    """Dicts and lists nested to any depth, `secret` among their strings."""
+    leaves = st.one_of(st.just(secret), st.text(max_size=5), st.integers(), st.none())
+    return st.recursive(
+        leaves,
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)
+        ),
+        max_leaves=40,
+    )
+
+
+@settings(max_examples=100, deadline=None)
+@given(value=nested_with(TOKEN), depth=st.integers(0, 60), cyclic=st.booleans())
+def test_a_field_nested_to_any_depth_or_containing_itself_is_a_line_without_its_secret(
+    value: Any, depth: int, cyclic: bool
+) -> None:
+    """Redaction follows dicts and lists; one that contains itself, or is nested deeper
+    than `_MAX_DEPTH`, is still one line (deep parts logged as TOO_DEEP), never an
+    exception in the code that logs, and a secret inside it is never written."""
+    for level in range(depth):
+        value = [value] if level % 2 else {"level": value}
+    if cyclic:
+        value = {"inner": value, "also": [TOKEN]}
+        value["self"] = value
+    data = written(lambda log: log.warning("nested", detail=value))
+    line = one_line(data)
+    assert TOKEN.encode() not in data and line["event"] == "nested"
+    if cyclic or depth > proxy_logging._MAX_DEPTH:
+        assert proxy_logging.TOO_DEEP in json.dumps(line["detail"])
+
+
+def test_a_field_nested_within_the_depth_is_logged_whole() -> None:
+    value: Any = "deepest"
+    for _ in range(proxy_logging._MAX_DEPTH):
+        value = [value]
+    assert one_line(written(lambda log: log.info("nested", detail=value)))["detail"] == value
+
+
 def test_a_nan_or_infinite_number_is_null_and_the_line_stays_json() -> None:
     line = one_line(written(lambda log: log.info("odd", ratio=float("nan"), limit=float("inf"))))
     assert line["ratio"] is None and line["limit"] is None
