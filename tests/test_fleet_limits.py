@@ -43,7 +43,8 @@ async def test_a_429_on_one_replica_holds_all_three_off_then_one_probe_goes_firs
         for proxy in proxies:
             start = time.monotonic()
             response = await get(proxy, f"inv_held_{n}")
-            assert time.monotonic() - start < 0.2, "answered at once"
+            # Not waited out: the hold lasts 2 s. (0.2 s was once passed under steal time.)
+            assert time.monotonic() - start < 0.5, "answered at once"
             assert 1 <= await refused_as(response, 429, "rate_limited") <= 2
             n += 1
         await asyncio.sleep(0.05)
