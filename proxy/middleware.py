@@ -35,17 +35,23 @@ CACHE = web.RequestKey("cache", str)
 REQUEST_ID = web.RequestKey("request_id", str)
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
 # Request ids: a random prefix per process and a counter. Unique across replicas
 # without a system call per request (uuid4 reads the kernel's random source). The
 # prefix is part of a format (one `%` a request costs half an f-string's format spec).
-_ID_FORMAT = secrets.token_hex(8) + "%016x"
+def _id_format() -> str:
+    return secrets.token_hex(8) + "%016x"
+
+
+_ID_FORMAT = _id_format()
 _id_counter = itertools.count(1)
 
 
 def _draw_id_prefix_after_fork() -> None:
     """A forked worker (`server.workers`) would otherwise hand out its parent's ids."""
     global _ID_FORMAT, _id_counter
-    _ID_FORMAT = secrets.token_hex(8) + "%016x"
+    _ID_FORMAT = _id_format()
     _id_counter = itertools.count(1)
 
 
