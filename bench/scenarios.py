@@ -2,7 +2,8 @@
 
 - hit throughput: wrk over the hot invoices, servers alternating, round by round: the
   proxy (fast lane on), its twin with the fast lane off, nginx, bare aiohttp;
-- hit latency: the open-loop generator at half the proxy's peak;
+- hit latency: the open-loop generator at half the proxy's peak, and after each round
+  the machine's own pauses on both cores (bench/pauses.py);
 - fresh burst: upstream requests caused by concurrent first requests for fresh invoices;
 - the miss path (issue 14): two more proxies, the fast lane on and off, each request a
   fresh invoice: wrk's misses/s and the proxy's CPU per miss, then one at a time;
@@ -31,7 +32,7 @@ from typing import Any
 import aiohttp
 import uvloop
 
-from . import cpu, loadgen, profile
+from . import cpu, loadgen, pauses, profile
 from .figures import (
     CALLER_SIDES,
     FLEET_PROXIES,
@@ -44,6 +45,7 @@ from .figures import (
     ONE_WORKER,
     PROFILE_HITS,
     PROFILE_MISSES,
+    TARGET_P99_MS,
     TWO_WORKERS,
     WITH,
     WITHOUT,
@@ -253,6 +255,18 @@ def hit_latency(bench: Bench, results: Results) -> None:
                 f" others: {load.foreign_cores:.2f} cores)",
                 flush=True,
             )
+        # The machine's own pauses, with the servers idle: the floor under their p99s.
+        os.sync()  # as before each measurement
+        server_core, client_core = pauses.probe((SERVER_CORE, CLIENT_CORE), s.latency_duration_s)
+        results.pauses.append((server_core, client_core))
+        print(
+            f"  round {round_} the machine's pauses: would hold"
+            f" {server_core.waiting_over(TARGET_P99_MS / 1000):.2%} (core {SERVER_CORE}) and"
+            f" {client_core.waiting_over(TARGET_P99_MS / 1000):.2%} (core {CLIENT_CORE}) of"
+            f" requests past {TARGET_P99_MS:g} ms; longest {server_core.longest * 1000:.2f} /"
+            f" {client_core.longest * 1000:.2f} ms",
+            flush=True,
+        )
 
 
 def fresh_burst(bench: Bench, results: Results) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import time
 
 import pytest
 
-from bench import hit_parts, instructions, log_lines, profile
+from bench import hit_parts, instructions, log_lines, pauses, profile
 
 
 def test_hit_parts_times_a_lane_hit_and_each_of_its_parts(
@@ -47,3 +50,19 @@ def test_the_instruction_count_is_callgrinds_last_total() -> None:
     assert instructions.collected(stderr) == 123456789
     with pytest.raises(SystemExit):
         instructions.collected("valgrind: not found")
+
+
+def test_the_pause_probe_reports_the_time_its_core_was_taken_from_it() -> None:
+    """A probe stopped for 100 ms (as a stalled core would stop it) reports that pause,
+    and the share of its window in which arriving work would have waited over 1 ms."""
+    probe = pauses.Probe("0", 1.0)  # returns once the probe spins
+    try:
+        time.sleep(0.2)
+        os.kill(probe.process.pid, signal.SIGSTOP)
+        time.sleep(0.1)
+    finally:
+        os.kill(probe.process.pid, signal.SIGCONT)
+    found = probe.result()
+    assert found.longest >= 0.1
+    assert found.waiting_over(0.001) >= 0.099
+    assert found.paused >= found.waiting_over(0.001) + 0.001
