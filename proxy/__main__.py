@@ -9,6 +9,7 @@ import secrets
 import signal
 import sys
 from collections.abc import Callable, Coroutine
+from dataclasses import fields
 from functools import partial
 from typing import Any
 
@@ -43,8 +44,13 @@ async def serve(
     config_path: str | None = None,
     source: CredentialSource | None = None,
     on_started: Callable[[int, int], None] | None = None,
+    worker: int = 0,
 ) -> None:
-    """Run both listeners until SIGTERM/SIGINT; SIGHUP reloads callers, admin keys, credential."""
+    """Run both listeners until SIGTERM/SIGINT; SIGHUP reloads callers, admin keys, credential.
+
+    `config` is the file's; `worker` (of `server.workers`) gives the admin port.
+    """
+    config = worker_config(config, worker)
     api = init_app(config, source=source)
     admin = api[ADMIN_APP]
     api_runner = ProxyRunner(api, config.server, api.get(LANE))
@@ -81,7 +87,7 @@ async def serve(
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: _reload(api, config_path))
+        loop.add_signal_handler(signal.SIGHUP, lambda: _reload(api, config_path, config, worker))
         await stop.wait()
         log.info("stopping", grace_s=config.server.shutdown_grace_s)
     finally:
@@ -93,9 +99,17 @@ async def serve(
     proxy_logging.flush_logs()
 
 
-def _reload(api: web.Application, config_path: str | None) -> None:
+# The sections a reload does not apply: a change to one waits for a restart.
+_RESTART_ONLY = tuple(f.name for f in fields(Config) if f.name not in ("callers", "admin"))
+
+
+def _reload(
+    api: web.Application, config_path: str | None, running: Config, worker: int = 0
+) -> None:
     """SIGHUP: read the credential now, and the callers and admin keys from the file.
 
+    The line it logs names every other section of the file that differs from the
+    running configuration (`running`, worker `worker`'s), which needs a restart.
     A signal handler that raises is logged by asyncio with a traceback, and a traceback
     may quote what it was handling: every failure here ends in one log line instead.
     """
@@ -123,8 +137,13 @@ def _reload(api: web.Application, config_path: str | None) -> None:
             keeping="running configuration",
         )
         return
-    log.info(
-        "config_reloaded", callers=len(config.callers), admin_keys=len(config.admin.key_sha256)
+    read = worker_config(config, worker)
+    restart_needed = [n for n in _RESTART_ONLY if getattr(read, n) != getattr(running, n)]
+    (log.warning if restart_needed else log.info)(
+        "config_reloaded",
+        callers=len(config.callers),
+        admin_keys=len(config.admin.key_sha256),
+        restart_needed=restart_needed,
     )
 
 
@@ -166,7 +185,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _serve_worker(config: Config, path: str, index: int) -> int:
     try:
-        _run(serve(worker_config(config, index), path))
+        _run(serve(config, path, worker=index))
     except OSError as exc:
         log.error("start_failed", error=str(exc))
         return 1

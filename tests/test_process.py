@@ -196,6 +196,49 @@ async def test_sighup_reloads_the_admin_keys(served: Served) -> None:
 NEW_ADMIN_KEY = "admin-rotated-KEY-0123456789abcdefghijklmnopq"
 
 
+@pytest.mark.parametrize("served", [{"server": {"workers": 2}}], indirect=True)
+async def test_sighup_names_the_sections_whose_changes_wait_for_a_restart(
+    served: Served,
+) -> None:
+    """Each worker applies the callers and says which other changed sections it did not."""
+    await served.read_until("started")  # the other worker
+    path = served.config_path
+
+    async def reloaded() -> list[dict[str, Any]]:
+        served.process.send_signal(signal.SIGHUP)
+        lines = [await served.read_until("config_reloaded") for _ in range(2)]
+        assert sorted(line["worker"] for line in lines) == [0, 1]
+        return lines
+
+    # The file as it started: nothing waits (worker 1's own admin port is no change).
+    for line in await reloaded():
+        assert line["restart_needed"] == [] and line["level"] == "info"
+    new_key = "rotated-billing-key-0123456789abcdefghijklmnop"
+    data = tomllib.loads(path.read_text())
+    data["callers"][0]["key_sha256"].append(key_digest(new_key))
+    data["cache"]["max_bytes"] *= 2
+    data["logging"] = {"level": "debug"}
+    data["issuers"] = [
+        {
+            "name": "cluster",
+            "issuer": "https://kubernetes.default.svc",
+            "audiences": ["invoice-proxy"],
+            "jwks_url": "https://127.0.0.1:1/jwks",
+        }
+    ]
+    path.write_text(to_toml(data))
+    for line in await reloaded():
+        assert line["restart_needed"] == ["cache", "logging", "issuers"]
+        assert line["level"] == "warning" and line["callers"] == 2
+    async with aiohttp.ClientSession() as session:
+        for _ in range(4):  # new connections: the kernel spreads them over the workers
+            response = await session.get(
+                served.url + invoice_path(),
+                headers={"Authorization": f"Bearer {new_key}", "Connection": "close"},
+            )
+            assert response.status == 200
+
+
 class _FailingAuthenticator(Authenticator):
     """Replacing its callers fails with an exception no reload expects."""
 
@@ -221,7 +264,7 @@ def test_a_reload_that_fails_unexpectedly_logs_the_class_only(tmp_path: Path) ->
     app = init_app(parse_config(data))
     app[CALLERS] = _FailingAuthenticator(parse_config(data).callers)
     with capture_logs() as logs:
-        _reload(app, str(path))
+        _reload(app, str(path), parse_config(data))
     assert [line["event"] for line in logs] == ["config_reload_failed"]
     assert logs[0]["problems"] == ["the reload failed unexpectedly (RuntimeError)"]
     assert NEW_ADMIN_KEY not in str(logs)
