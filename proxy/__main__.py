@@ -48,7 +48,8 @@ async def serve(
 ) -> None:
     """Run both listeners until SIGTERM/SIGINT; SIGHUP reloads callers, admin keys, credential.
 
-    `config` is the file's; `worker` (of `server.workers`) gives the admin port.
+    `config` is the configuration as read; `worker` (of `server.workers`) gives its
+    admin port (`worker_config`).
     """
     config = worker_config(config, worker)
     api = init_app(config, source=source)
