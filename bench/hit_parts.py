@@ -7,6 +7,8 @@ wrk's request head of the hit rounds. Each row is the best of 5 runs of `--calls
 calls (microseconds per call); "read + answer" is the whole of the lane's Python work
 for one hit but the protocol's few checks and the write itself. Compare it with
 `python -m bench.calibrate`: the Python a hit may cost for a share of nginx's rate.
+"a miss: read + answer" is what the lane adds to a miss before aiohttp takes it: the
+same head for an invoice not cached (a different one each call, as wrk's miss rounds).
 
     python -m bench.hit_parts [--calls 20000]
 """
@@ -17,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -106,6 +109,12 @@ async def lane_parts() -> list[tuple[str, Callable[[], Any]]]:
         assert found is not None
         lane.answer(found[0], None, connection)
 
+    misses = itertools.cycle([HEAD.replace(b"hot-000", b"new-%04d" % i) for i in range(1000)])
+
+    def miss_look() -> None:
+        found = reader.read(next(misses))
+        assert found is not None and lane.answer(found[0], None, connection) is None
+
     return [
         ("HeadReader.read", lambda: reader.read(HEAD)),
         ("FastLane.answer (all below)", lambda: lane.answer(head, None, connection)),
@@ -120,6 +129,7 @@ async def lane_parts() -> list[tuple[str, Callable[[], Any]]]:
         ("  InvoiceCache.peek", lambda: cache.peek(("acme", "hot-000"))),
         ("  request_id_for", lambda: request_id_for(None)),
         ("read + answer", read_and_answer),
+        ("a miss: read + answer (aiohttp answers it)", miss_look),
     ]
 
 
