@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import enum
 import io
 import json
 import logging
@@ -23,6 +24,7 @@ import re
 import select
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import IO, Any, Protocol, cast
 
@@ -96,9 +98,16 @@ _MAX_DEPTH = 16
 TOO_DEEP = "[nested too deep]"
 
 
+# Values orjson writes itself, without `_default`, that are not strings or containers: a
+# UUID as its string, an enum member as its value. Redaction reads them as written.
+_WRITTEN_AS_VALUE = uuid.UUID | enum.Enum
+
+
 def _redact(value: Any, depth: int = 0) -> Any:
     if isinstance(value, str):
         return _SECRET_VALUES.sub(REDACTED, value)
+    if isinstance(value, _WRITTEN_AS_VALUE):
+        return _redact(str(value) if isinstance(value, uuid.UUID) else value.value, depth + 1)
     if isinstance(value, dict | list | tuple) and depth >= _MAX_DEPTH:
         return TOO_DEEP
     if isinstance(value, dict):
@@ -126,7 +135,7 @@ def redact_secrets(
             continue
         if kind == _SECRET:
             event_dict[key] = REDACTED
-        elif isinstance(value, str | dict | list | tuple):  # _SCAN
+        elif isinstance(value, str | dict | list | tuple | _WRITTEN_AS_VALUE):  # _SCAN
             event_dict[key] = _redact(value)
     return event_dict
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import io
 import json
 import re
 import select
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +162,34 @@ def test_a_field_nested_to_any_depth_or_containing_itself_is_a_line_without_its_
     assert TOKEN.encode() not in data and line["event"] == "nested"
     if cyclic or depth > proxy_logging._MAX_DEPTH:
         assert proxy_logging.TOO_DEEP in json.dumps(line["detail"])
+
+
+class _Kind(enum.Enum):
+    """An enum whose member's value is a secret (orjson writes a member as its value)."""
+
+    TOKEN = TOKEN
+    NESTED = (1, {"token": "x", "detail": TOKEN})
+
+
+def _secret_shaped(value: uuid.UUID) -> bool:
+    text = str(value)
+    return any(c.isalpha() for c in text) and any(c.isdigit() for c in text)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    secret=st.uuids().filter(_secret_shaped) | st.sampled_from(list(_Kind)),
+    wrap=st.sampled_from([lambda v: v, lambda v: [v], lambda v: {"inner": (v, 1)}]),
+)
+def test_a_secret_in_a_value_orjson_writes_itself_is_masked(
+    secret: uuid.UUID | _Kind, wrap: Callable[[Any], Any]
+) -> None:
+    """A UUID object (a key or token may be one) and an enum member are written by orjson
+    without asking: redaction reads them as orjson writes them, as a string would be."""
+    data = written(lambda log: log.warning("odd", detail=wrap(secret)))
+    line = one_line(data)
+    text = str(secret) if isinstance(secret, uuid.UUID) else TOKEN
+    assert text.encode() not in data and "[redacted]" in json.dumps(line["detail"])
 
 
 def test_a_field_nested_within_the_depth_is_logged_whole() -> None:
