@@ -95,8 +95,16 @@ class Probe:
 
 def probe(cores: Sequence[str], seconds: float) -> list[Pauses]:
     """The pauses of each of `cores`, probed at the same time for `seconds`."""
-    probes = [Probe(core, seconds) for core in cores]
-    return [p.result() for p in probes]
+    probes: list[Probe] = []
+    try:
+        for core in cores:
+            probes.append(Probe(core, seconds))
+        return [p.result() for p in probes]
+    finally:  # a probe that failed or timed out: none is left spinning
+        for started in probes:
+            if started.process.poll() is None:
+                started.process.kill()
+                started.process.wait()
 
 
 def main(argv: list[str] | None = None) -> None:
