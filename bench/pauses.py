@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 from .harness import BenchError, pinned
 
-# A gap between two clock readings longer than this is a pause; a reading costs well
-# under a microsecond, and a cache miss or a page fault is tens of them.
+# A gap between two clock readings longer than this is a pause: a turn of the loop
+# costs well under a microsecond, and a page fault a few microseconds.
 GAP_S = 0.0002
 _READY = "spinning"
 
