@@ -106,8 +106,10 @@ _WRITTEN_AS_VALUE = uuid.UUID | enum.Enum
 def _redact(value: Any, depth: int = 0) -> Any:
     if isinstance(value, str):
         return _SECRET_VALUES.sub(REDACTED, value)
-    if isinstance(value, _WRITTEN_AS_VALUE):
-        return _redact(str(value) if isinstance(value, uuid.UUID) else value.value, depth + 1)
+    if isinstance(value, uuid.UUID):
+        return _SECRET_VALUES.sub(REDACTED, str(value))
+    if isinstance(value, enum.Enum):
+        return _redact(value.value, depth + 1)
     if isinstance(value, dict | list | tuple) and depth >= _MAX_DEPTH:
         return TOO_DEEP
     if isinstance(value, dict):
