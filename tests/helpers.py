@@ -408,18 +408,45 @@ class Served:
         self.url = f"http://127.0.0.1:{port}"
         self.admin_url = f"http://127.0.0.1:{admin_port}"
         self.config_path = config_path
-        self.lines: list[dict[str, Any]] = []
+        self.lines: list[dict[str, Any]] = []  # every line read, in order
+        self._unseen = 0  # how many of the last `lines` no `read_until` has passed yet
 
     async def read_until(self, event: str, timeout: float = 15.0) -> dict[str, Any]:
-        assert self.process.stdout is not None
+        """The next line of `event` (past the lines an earlier call returned or passed)."""
         async with asyncio.timeout(timeout):
             while True:
-                raw = await self.process.stdout.readline()
-                assert raw, f"process ended before {event!r}"
-                line = json.loads(raw)
-                self.lines.append(line)
+                if self._unseen:
+                    line = self.lines[-self._unseen]
+                    self._unseen -= 1
+                else:
+                    line = await self._read_line(event)
                 if line["event"] == event:
                     return line
+
+    async def _read_line(self, waiting_for: str) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        raw = await self.process.stdout.readline()
+        if not raw:
+            await asyncio.wait_for(self.process.wait(), timeout=10)
+            raise AssertionError(
+                f"process ended (exit code {self.process.returncode}) before"
+                f" {waiting_for!r}; its last lines: {self.lines[-5:]}"
+            )
+        line: dict[str, Any] = json.loads(raw)
+        self.lines.append(line)
+        return line
+
+    async def start(self, workers: int) -> bool:
+        """Read until each worker has started (the lines stay for `read_until`); False if
+        one could not bind its port (another process took it since it was found free)."""
+        started = 0
+        while started < workers:
+            line = await asyncio.wait_for(self._read_line("started"), timeout=15)
+            self._unseen += 1
+            if line["event"] == "start_failed" and "Address already in use" in line["error"]:
+                return False
+            started += line["event"] == "started"
+        return True
 
 
 @asynccontextmanager
@@ -429,26 +456,37 @@ async def served_process(
     *,
     workers: int = 1,
     capture_stderr: bool = False,
+    attempts: int = 3,
 ) -> AsyncIterator[Served]:
-    """`python -m proxy serve` on free ports; `data(server)` is its configuration, given
-    the [server] table with those ports. Killed with its workers at the end, whatever
-    happened (the test stops it itself to see a clean exit)."""
-    port, admin_port = free_port(), free_ports(workers)[0]
-    config = data({"port": port, "admin_port": admin_port})
-    path = tmp_path / f"config-{port}.toml"
-    path.write_text(to_toml(config))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "--config", str(path),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE if capture_stderr else None,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        yield Served(process, port, admin_port, path)
-    finally:
-        if process.returncode is None:
-            os.killpg(process.pid, signal.SIGKILL)  # the workers too, whatever happened
-        await asyncio.wait_for(process.wait(), timeout=10)
+    """`python -m proxy serve` on free ports, once each worker has started; `data(server)`
+    is its configuration, given the [server] table with those ports. A port found free
+    can be taken before the process binds it: then it starts again, on other ports, up to
+    `attempts` times. Killed with its workers at the end, whatever happened (the test
+    stops it itself to see a clean exit)."""
+    for attempt in range(1, attempts + 1):
+        admin_ports = free_ports(workers)
+        port = free_port()
+        while port in admin_ports:
+            port = free_port()
+        config = data({"port": port, "admin_port": admin_ports[0]})
+        path = tmp_path / f"config-{port}.toml"
+        path.write_text(to_toml(config))
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "serve", "--config", str(path),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE if capture_stderr else None,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            served = Served(process, port, admin_ports[0], path)
+            if await served.start(workers):
+                yield served
+                return
+            assert attempt < attempts, f"no free ports in {attempts} attempts: {served.lines}"
+        finally:
+            if process.returncode is None:
+                os.killpg(process.pid, signal.SIGKILL)  # the workers too, whatever happened
+            await asyncio.wait_for(process.wait(), timeout=10)
 
 
 async def one_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import sys
 import tomllib
 from collections.abc import AsyncIterator, Iterable
@@ -17,6 +18,7 @@ from proxy.auth import Authenticator, key_digest
 from proxy.config import CallerConfig, parse_config
 from proxy.standin import Behaviour
 
+from . import helpers
 from .helpers import (
     ADMIN,
     ADMIN_KEY,
@@ -31,6 +33,7 @@ from .helpers import (
     to_toml,
     write_credential,
 )
+from .processes import free_port
 
 
 @pytest.fixture
@@ -312,3 +315,28 @@ def test_a_failure_in_the_service_does_not_carry_the_uvloop_import_error(
     with pytest.raises(_Failure) as caught:
         _run(service())
     assert caught.value.__context__ is None and caught.value.__cause__ is None
+
+
+async def test_a_port_taken_after_it_was_found_free_is_tried_again_on_other_ports(
+    upstream: Upstream, credential_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race every test with a process runs: a port found free is taken by another
+    process before `serve` binds it. The process logs `start_failed`, and the test
+    helper starts it again on other ports instead of failing the test."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        found = iter([busy])
+        monkeypatch.setattr(helpers, "free_port", lambda: next(found, None) or free_port())
+
+        def data(ports: dict[str, Any]) -> dict[str, Any]:
+            return config_dict(upstream.base_url, credential_file, server=ports)
+
+        async with served_process(data, tmp_path) as served:
+            assert served.url != f"http://127.0.0.1:{busy}"
+            await served.read_until("started")
+            async with aiohttp.ClientSession() as session:
+                response = await session.get(served.url + invoice_path(), headers=BILLING)
+                assert response.status == 200
+    assert (tmp_path / f"config-{busy}.toml").exists(), "the first attempt had the taken port"
