@@ -72,10 +72,14 @@ class Settings:
     profile_duration_s: int = 8  # of py-spy under wrk
     # The miss path (issue 14), fast lane on against off: wrk rounds of fresh invoices,
     # then rounds of fresh invoices requested one at a time.
-    miss_rounds: int = 3
+    miss_rounds: int = 6  # rotating, so even
     miss_duration_s: int = 5  # per wrk round
     miss_latency_rounds: int = 3
     miss_latency_invoices: int = 1000  # per round, requested one at a time
+    # Whole misses under callgrind (bench.miss_instructions): a run of `few` misses and
+    # one of `few + many` through a proxy of each side.
+    miss_callgrind_few: int = 100
+    miss_callgrind_many: int = 500
     # `server.workers = 2` against one worker (issue 14), alternating, so even.
     workers_rounds: int = 4
     # The quiet machine (harness.Quiet): repeats per measurement and in the run, and
@@ -123,6 +127,8 @@ QUICK = Settings(
     miss_duration_s=1,
     miss_latency_rounds=1,
     miss_latency_invoices=50,
+    miss_callgrind_few=10,
+    miss_callgrind_many=20,
     workers_rounds=2,
 )
 
@@ -148,6 +154,8 @@ class Misses:
     cpu_us: dict[str, list[float]] = field(default_factory=dict)
     # (p50, p99) in ms of each one-at-a-time round, by side
     latency: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    # the instructions of one whole miss in user space, by side (callgrind)
+    instructions: dict[str, float] = field(default_factory=dict)
     misses: int = 0  # counted by the proxies as misses over the wrk rounds
     upstream: int = 0  # requests the stand-in saw meanwhile (goal: = misses)
     hits: int = 0  # counted as hits meanwhile (goal 0)
@@ -164,6 +172,10 @@ class Misses:
     @property
     def cpu_ratio(self) -> float:
         return _median_ratio(self.cpu_us[LANE_ON], self.cpu_us[LANE_OFF])
+
+    @property
+    def instruction_ratio(self) -> float:
+        return self.instructions[LANE_ON] / self.instructions[LANE_OFF]
 
     @property
     def noise(self) -> float:
@@ -185,7 +197,8 @@ class Misses:
                 and self.hits == 0
                 and self.upstream == self.misses,
                 f"{self.ratio:.3f}, noise ±{self.noise:.1%}; CPU per miss on/off"
-                f" {self.cpu_ratio:.3f}",
+                f" {self.cpu_ratio:.3f}; instructions per miss on/off"
+                f" {self.instruction_ratio:.3f}",
             ),
         ]
 

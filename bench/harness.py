@@ -199,9 +199,13 @@ class Processes:
 
 
 def wait_until(
-    check: Callable[[], bool], what: str, process: subprocess.Popen[bytes], log: Path
+    check: Callable[[], bool],
+    what: str,
+    process: subprocess.Popen[bytes],
+    log: Path,
+    timeout_s: float = START_TIMEOUT_S,
 ) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             tail = log.read_text(errors="replace")[-2000:]
@@ -210,7 +214,7 @@ def wait_until(
             if check():
                 return
         time.sleep(0.05)
-    raise BenchError(f"{what} did not start within {START_TIMEOUT_S:.0f}s (see {log})")
+    raise BenchError(f"{what} did not start within {timeout_s:.0f}s (see {log})")
 
 
 def _toml(value: object) -> str:
@@ -353,11 +357,13 @@ def start_proxy(
     command: Sequence[str] = PROXY_COMMAND,
     tls: bool = False,
     workers: int = 1,
+    start_timeout_s: float = START_TIMEOUT_S,
 ) -> Proxy:
     """`invoice-proxy serve` with `config(port, admin_port)`, its output in `{name}.log`;
-    pinned to `core` (None: not pinned; "0,1": either core). Returns once it is ready
-    (`tls`: its API listener serves HTTPS; the admin one stays HTTP); with `workers`,
-    once every worker is (the configuration must set `server.workers` to as many)."""
+    pinned to `core` (None: not pinned; "0,1": either core). Returns once it is ready,
+    within `start_timeout_s` (`tls`: its API listener serves HTTPS; the admin one stays
+    HTTP); with `workers`, once every worker is (the configuration must set
+    `server.workers` to as many)."""
     port, admin_port = free_port(), free_ports_in_a_row(workers)
     while admin_port <= port < admin_port + workers:
         port = free_port()
@@ -369,7 +375,7 @@ def start_proxy(
     # taskset execs the command: the same process
     process = processes.start(what, argv if core is None else pinned(core, argv), log)
     proxy = Proxy(name, port, admin_port, process, tls, workers, log)
-    wait_until(proxy.ready, what, process, log)
+    wait_until(proxy.ready, what, process, log, start_timeout_s)
     return proxy
 
 
@@ -409,14 +415,18 @@ class Servers:
         tls: TlsPair | None = None,
         fast_lane: bool = True,
         workers: int = 1,
-        core: str = SERVER_CORE,
+        core: str | None = SERVER_CORE,
+        command: Sequence[str] = PROXY_COMMAND,
+        start_timeout_s: float = START_TIMEOUT_S,
     ) -> Proxy:
         """One more bench proxy; with `redis_url`, the fleet level is on; with `issuer`,
         it has a JWT caller; with `tls`, its API listener serves HTTPS with that pair;
-        `fast_lane` and `workers` are the `[server]` keys, `core` where it runs."""
+        `fast_lane` and `workers` are the `[server]` keys, `core` where it runs (None:
+        either), `command` what runs `invoice-proxy`."""
         return _start_bench_proxy(
             processes, self.workdir, name, self.standin_port, self.credential, self.caller_key,
             redis_url, issuer, tls, fast_lane=fast_lane, workers=workers, core=core,
+            command=command, start_timeout_s=start_timeout_s,
         )  # fmt: skip
 
 
@@ -433,7 +443,9 @@ def _start_bench_proxy(
     *,
     fast_lane: bool = True,
     workers: int = 1,
-    core: str = SERVER_CORE,
+    core: str | None = SERVER_CORE,
+    command: Sequence[str] = PROXY_COMMAND,
+    start_timeout_s: float = START_TIMEOUT_S,
 ) -> Proxy:
     """A proxy as in production: uvloop, a JSON request log line per request, metrics."""
     upstream: dict[str, object] = {
@@ -462,8 +474,9 @@ def _start_bench_proxy(
         )
 
     return start_proxy(
-        processes, workdir, name, config, core=core, tls=tls is not None, workers=workers
-    )
+        processes, workdir, name, config, core=core, command=command, tls=tls is not None,
+        workers=workers, start_timeout_s=start_timeout_s,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

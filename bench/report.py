@@ -226,6 +226,7 @@ def table(results: Results) -> str:
 def misses_lines(misses: Misses, s: Settings) -> str:
     """The miss path's figures (Markdown): the fast lane on against off."""
     n = s.miss_latency_invoices
+    lane_instructions = misses.instructions[LANE_ON] - misses.instructions[LANE_OFF]
     lines = [
         _row("misses, every request a fresh invoice", LANE_SIDES),
         "| --- |" + " ---: |" * len(LANE_SIDES),
@@ -247,13 +248,19 @@ def misses_lines(misses: Misses, s: Settings) -> str:
             f"one at a time: p99, ms (median of {s.miss_latency_rounds})",
             (f"{misses.p(side, 0.99):.3f}" for side in LANE_SIDES),
         ),
+        _row(
+            "instructions per miss, user space (callgrind)",
+            (f"{misses.instructions[side]:,.0f}" for side in LANE_SIDES),
+        ),
         "",
         f"Fast lane on / off, medians of the rounds' ratios: misses/s **{misses.ratio:.3f}**"
         f" (rounds: {_rounds(misses.ratios(), '.3f')}; target: at least"
         f" 1 - max({MISS_TOLERANCE:.0%}, noise), the noise of the rounds with the lane off"
         f" ±{misses.noise:.1%}), CPU per miss {misses.cpu_ratio:.3f} (rounds:"
         f" {_rounds(misses.ratios('cpu'), '.3f')}), one-at-a-time p50"
-        f" {misses.p(LANE_ON, 0.5) / misses.p(LANE_OFF, 0.5):.3f}. Over the wrk rounds the"
+        f" {misses.p(LANE_ON, 0.5) / misses.p(LANE_OFF, 0.5):.3f}, instructions per miss"
+        f" {misses.instruction_ratio:.3f} (the lane's {lane_instructions:+,.0f})."
+        " Over the wrk rounds the"
         f" proxies counted {misses.misses:,} misses and {misses.hits} hits; the stand-in saw"
         f" {misses.upstream:,} requests.",
     ]
@@ -470,7 +477,13 @@ The proxy's CPU per miss is its CPU time over the round divided by the requests 
 answered: unlike misses/s, it does not depend on whether the proxy, the stand-in or
 wrk was the limit. Then {s.miss_latency_rounds} rounds of {s.miss_latency_invoices:,} fresh
 invoices one at a time over one keep-alive connection (closed loop: one miss in isolation,
-not comparable with the open-loop hit latency above).
+not comparable with the open-loop hit latency above). Last, the figure the clock's noise
+does not move: a proxy of each side under `valgrind --tool=callgrind` answers
+{s.miss_callgrind_few:,} fresh invoices one at a time, another
+{s.miss_callgrind_few + s.miss_callgrind_many:,}; the difference of their instruction
+counts by {s.miss_callgrind_many:,} is one miss's instructions in user space, start and
+stop cancelled out (the kernel's part, the same either way, is not counted;
+`python -m bench.miss_instructions` counts it alone).
 
 {misses_lines(results.misses, s)}
 

@@ -32,7 +32,7 @@ from typing import Any
 import aiohttp
 import uvloop
 
-from . import cpu, loadgen, pauses, profile
+from . import cpu, loadgen, miss_instructions, pauses, profile
 from .figures import (
     CALLER_SIDES,
     FLEET_PROXIES,
@@ -397,9 +397,21 @@ def miss_path(bench: Bench, results: Results) -> None:
                 f"  (others: {load.foreign_cores:.2f} cores)",
                 flush=True,
             )
+    few, many = s.miss_callgrind_few, s.miss_callgrind_many
+    print(
+        f"misses: instructions per miss under callgrind ({few + many:,} misses against"
+        f" {few:,}) ...",
+        flush=True,
+    )
+    figures.instructions = miss_instructions.per_miss(
+        servers, processes, {LANE_ON: True, LANE_OFF: False}, few, many
+    )
+    for side in LANE_SIDES:
+        print(f"  {side:15} {figures.instructions[side]:12,.0f} instructions a miss", flush=True)
     print(
         f"  on/off: misses/s {figures.ratio:.3f} (noise ±{figures.noise:.1%}),"
-        f" CPU per miss {figures.cpu_ratio:.3f} (medians of the rounds' ratios)"
+        f" CPU per miss {figures.cpu_ratio:.3f} (medians of the rounds' ratios),"
+        f" instructions per miss {figures.instruction_ratio:.3f}"
     )
 
 
