@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -123,7 +124,10 @@ def _sentinel_client(config: SharedConfig, options: dict[str, Any]) -> Redis:
     for address in config.sentinels:
         host, _, port = address.rpartition(":")
         sentinels.append((host, int(port)))
-    manager = Sentinel(sentinels, sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
+    # redis-py annotates Sentinel's constructor from 8.2 on: called through a typed name,
+    # the call type-checks with the versions before too.
+    new_manager: Callable[..., Sentinel] = Sentinel
+    manager = new_manager(sentinels, sentinel_kwargs=sentinel_options)
     # Reads stay on the primary too (master_for): a replica may lag behind a lock or
     # the budget, and both must be read where they are written.
     return manager.master_for(  # type: ignore[no-any-return]
