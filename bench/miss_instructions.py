@@ -11,7 +11,8 @@ stopping cancel out. Both sides run at once, each its own process.
 
     python -m bench.miss_instructions [--few 100] [--many 500]
 
-(`make bench` counts them as part of the miss path, with a stand-in of its own.)
+(Alone, it starts the bench's servers to have the stand-in; `make bench` counts it as
+part of the miss path.)
 """
 
 from __future__ import annotations
