@@ -30,6 +30,7 @@ from pathlib import Path
 import uvloop
 
 from . import loadgen
+from .figures import Settings
 from .harness import (
     PROXY_COMMAND,
     BenchError,
@@ -49,14 +50,11 @@ CALLGRIND = (
 # A Python under callgrind takes about 40 s to import the service and start it.
 START_TIMEOUT_S = 240.0
 STOP_TIMEOUT_S = 120.0
+DEFAULTS = Settings()  # the run's sizes, as `make bench` counts them
 
 
 def per_miss(
-    servers: Servers,
-    processes: Processes,
-    sides: Mapping[str, bool],
-    few: int = 100,
-    many: int = 500,
+    servers: Servers, processes: Processes, sides: Mapping[str, bool], few: int, many: int
 ) -> dict[str, float]:
     """Instructions per miss of each side (by name: its `server.fast_lane`)."""
     names = itertools.count()
@@ -111,8 +109,8 @@ async def _misses(proxies: Mapping[str, Proxy], misses: int, authorization: str)
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.miss_instructions", description=__doc__)
-    parser.add_argument("--few", type=int, default=100)
-    parser.add_argument("--many", type=int, default=500)
+    parser.add_argument("--few", type=int, default=DEFAULTS.miss_callgrind_few)
+    parser.add_argument("--many", type=int, default=DEFAULTS.miss_callgrind_many)
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is missing: run `make bench`, which installs it")
