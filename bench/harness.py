@@ -61,6 +61,8 @@ PROXY, PROXY_OFF, NGINX, BARE = (
 SERVERS = (PROXY, PROXY_OFF, NGINX, BARE)
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
+# Starts of a proxy on ports found free, one of which another process may take first.
+PORT_ATTEMPTS = 3
 # A measurement during which other processes used more CPU than this (in cores) is
 # repeated (bounded, see Quiet); the table says how loaded the kept ones were.
 NOISE_LIMIT_CORES = 0.15
@@ -208,13 +210,20 @@ def wait_until(
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            tail = log.read_text(errors="replace")[-2000:]
-            raise BenchError(f"{what} exited with {process.returncode}:\n{tail}")
+            raise BenchError(f"{what} exited with {process.returncode}:\n{_tail(log)}")
         with contextlib.suppress(OSError, redis.ConnectionError, redis.TimeoutError):
             if check():
                 return
         time.sleep(0.05)
     raise BenchError(f"{what} did not start within {timeout_s:.0f}s (see {log})")
+
+
+def _tail(log: Path) -> str:
+    """The end of a process's log, or why there is none."""
+    try:
+        return log.read_text(errors="replace")[-2000:]
+    except OSError as exc:
+        return f"({log}: {exc.strerror})"
 
 
 def _toml(value: object) -> str:
@@ -364,19 +373,38 @@ def start_proxy(
     within `start_timeout_s` (`tls`: its API listener serves HTTPS; the admin one stays
     HTTP); with `workers`, once every worker is (the configuration must set
     `server.workers` to as many)."""
-    port, admin_port = free_port(), free_ports_in_a_row(workers)
-    while admin_port <= port < admin_port + workers:
-        port = free_port()
-    path = workdir / f"{name}.toml"
-    path.write_text(config(port, admin_port))
-    log = workdir / f"{name}.log"  # the JSON request log: written, as in production
-    argv = [*command, "serve", "--config", str(path)]
     what = f"invoice-proxy ({name})"
-    # taskset execs the command: the same process
-    process = processes.start(what, argv if core is None else pinned(core, argv), log)
-    proxy = Proxy(name, port, admin_port, process, tls, workers, log)
-    wait_until(proxy.ready, what, process, log, start_timeout_s)
-    return proxy
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        port, admin_port = free_port(), free_ports_in_a_row(workers)
+        while admin_port <= port < admin_port + workers:
+            port = free_port()
+        path = workdir / f"{name}.toml"
+        path.write_text(config(port, admin_port))
+        log = workdir / f"{name}.log"  # the JSON request log: written, as in production
+        argv = [*command, "serve", "--config", str(path)]
+        # taskset execs the command: the same process
+        process = processes.start(what, argv if core is None else pinned(core, argv), log)
+        proxy = Proxy(name, port, admin_port, process, tls, workers, log)
+        try:
+            wait_until(proxy.ready, what, process, log, start_timeout_s)
+        except BenchError:
+            # A port found free can be taken before the proxy binds it: other ports, then.
+            if attempt == PORT_ATTEMPTS or not _port_taken(process, log):
+                raise
+            print(f"  ({what}: a port was taken before it bound it; trying others)", flush=True)
+            continue
+        return proxy
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _port_taken(process: subprocess.Popen[bytes], log: Path) -> bool:
+    """The proxy ended because a port it was given was in use (its `start_failed` line)."""
+    if process.poll() is None:
+        return False
+    return any(
+        '"start_failed"' in line and "Address already in use" in line
+        for line in _tail(log).splitlines()
+    )
 
 
 def pin(pid: int, core: str) -> None:
@@ -619,7 +647,8 @@ def start_servers(processes: Processes, workdir: Path, hot_ids: list[str]) -> Se
     nginx_argv = ["nginx", "-p", str(prefix), "-c", str(conf)]
     nginx_argv += ["-e", str(prefix / "error.log"), "-g", "daemon off;"]
     nginx = processes.start("nginx", pinned(SERVER_CORE, nginx_argv), workdir / "nginx.out")
-    wait_until(lambda: port_open(nginx_port), "nginx", nginx, prefix / "error.log")
+    # Its start-up errors go to its stderr as well as error.log, and so do taskset's.
+    wait_until(lambda: port_open(nginx_port), "nginx", nginx, workdir / "nginx.out")
 
     bare_port = free_port()
     bare_argv = [python, "-m", "bench.bare", "--port", str(bare_port)]

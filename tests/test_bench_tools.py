@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import time
+from pathlib import Path
 
 import pytest
 
-from bench import hit_parts, instructions, log_lines, pauses, profile
+from bench import harness, hit_parts, instructions, log_lines, pauses, profile
 
 
 def test_hit_parts_times_a_lane_hit_and_each_of_its_parts(
@@ -69,3 +71,49 @@ def test_the_pause_probe_reports_the_time_its_core_was_taken_from_it() -> None:
     assert found.longest >= 0.1
     assert found.waiting_over(0.001) >= 0.099
     assert found.paused >= found.waiting_over(0.001) + 0.001
+
+
+def test_a_bench_proxy_whose_port_was_taken_first_starts_again_on_other_ports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`make bench` starts a dozen proxies on ports found free; one taken by another
+    process before the proxy binds it is a `start_failed`, and the bench starts that
+    proxy again on other ports instead of stopping half-way."""
+    free_port = harness.free_port
+    processes = harness.Processes()
+    credential = harness.write_credential(tmp_path, "bench-token-id", "pscale_tkn_bench")
+
+    def config(port: int, admin_port: int) -> str:
+        return harness.proxy_config(
+            port=port, admin_port=admin_port, upstream_url="http://127.0.0.1:9",
+            credential=credential, caller="bench", caller_key="k" * 43, server={},
+            upstream={}, cache={}, logging={},
+        )  # fmt: skip
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        found = iter([busy])
+        monkeypatch.setattr(harness, "free_port", lambda: next(found, None) or free_port())
+        try:
+            proxy = harness.start_proxy(processes, tmp_path, "taken", config, core=None)
+            assert proxy.port != busy
+            assert proxy.ready()
+        finally:
+            processes.stop_all()
+    assert "a port was taken before it bound it; trying others" in capsys.readouterr().out
+
+
+def test_a_server_that_ends_before_writing_its_log_is_reported_with_its_exit_code(
+    tmp_path: Path,
+) -> None:
+    """A server the bench cannot start (a tool missing, a command failing at once) may
+    end before its log exists: the bench says how it ended, not FileNotFoundError."""
+    processes = harness.Processes()
+    try:
+        process = processes.start("quitter", ["sh", "-c", "exit 3"], tmp_path / "out.log")
+        with pytest.raises(harness.BenchError, match=r"quitter exited with 3:\n\(.*No such file"):
+            harness.wait_until(lambda: False, "quitter", process, tmp_path / "never.log", 10)
+    finally:
+        processes.stop_all()
