@@ -199,10 +199,10 @@ class _Protocol(RequestHandler):
         assert self._lane is not None
         done = 0
         for head in heads:
-            if not head.end or not self._idle():
-                break
+            if not head.end:
+                break  # begun in an earlier read, which aiohttp has
             try:
-                answer = self._lane.answer(head, self.transport, self._known)
+                answer = self._lane.answer(head, self.transport, self._known, self._idle)
             except Exception:
                 # A bug in the lane: nothing of this answer was written; aiohttp answers
                 # it, and the rest of the connection.
