@@ -255,7 +255,7 @@ def misses_lines(misses: Misses, s: Settings) -> str:
         "",
         f"Fast lane on / off, medians of the rounds' ratios: misses/s **{misses.ratio:.3f}**"
         f" (rounds: {_rounds(misses.ratios(), '.3f')}; target: at least"
-        f" 1 - max({MISS_TOLERANCE:.0%}, noise), the noise of the rounds with the lane off"
+        f" 1 - max({MISS_TOLERANCE:.0%}, noise), the noise of the rounds' ratios"
         f" ±{misses.noise:.1%}), CPU per miss {misses.cpu_ratio:.3f} (rounds:"
         f" {_rounds(misses.ratios('cpu'), '.3f')}), one-at-a-time p50"
         f" {misses.p(LANE_ON, 0.5) / misses.p(LANE_OFF, 0.5):.3f}, instructions per miss"
@@ -471,8 +471,11 @@ core {SERVER_CORE}, started for this part, configured as above but for
 `server.fast_lane` (true, false); the upstream rate cap is far above what wrk asks
 (`upstream.rate_per_s` and `burst` 100,000), so the proxy is measured, not the cap.
 Each of {s.miss_rounds} rounds runs wrk `-t1 -c{s.wrk_connections} -d{s.miss_duration_s}s`
-against each, in an order that rotates, every request for an invoice never asked
-before, which the stand-in answers (on core {CLIENT_CORE}, with wrk; it answers at once).
+against each, one after the other, the one that goes first alternating; every request is
+for an invoice never asked before, which the stand-in answers (on core {CLIENT_CORE}, with
+wrk; it answers at once). The rounds are short and many because this host's speed drifts
+by a third within a minute: the two halves of a round share it, and the figure is the
+median of the rounds' on/off ratios, its noise half their interquartile range.
 The proxy's CPU per miss is its CPU time over the round divided by the requests it
 answered: unlike misses/s, it does not depend on whether the proxy, the stand-in or
 wrk was the limit. Then {s.miss_latency_rounds} rounds of {s.miss_latency_invoices:,} fresh

@@ -10,8 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bench import harness, hit_parts, instructions, log_lines, pauses, profile
+from bench.figures import LANE_OFF, LANE_ON, Misses
 
 
 def test_hit_parts_times_a_lane_hit_and_each_of_its_parts(
@@ -117,3 +120,34 @@ def test_a_server_that_ends_before_writing_its_log_is_reported_with_its_exit_cod
             harness.wait_until(lambda: False, "quitter", process, tmp_path / "never.log", 10)
     finally:
         processes.stop_all()
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(500, 5000), st.floats(0.5, 1.5), st.floats(0.6, 1.6)
+        ),  # misses/s with the lane off, on/off, the host's speed in that pair
+        min_size=2,
+        max_size=20,
+    )
+)
+def test_the_miss_figure_and_its_noise_do_not_move_with_the_hosts_speed(
+    pairs: list[tuple[float, float, float]],
+) -> None:
+    """Each round of the miss part is a pair measured seconds apart, which shares the
+    host's speed of the moment: the figure (the median of the pairs' on/off) and its
+    noise are those of the pairs' ratios, however the speed drifts between the pairs."""
+    steady, drifting = Misses(), Misses()
+    steady.throughput = {
+        LANE_ON: [off * ratio for off, ratio, _ in pairs],
+        LANE_OFF: [off for off, _, _ in pairs],
+    }
+    drifting.throughput = {
+        LANE_ON: [off * ratio * speed for off, ratio, speed in pairs],
+        LANE_OFF: [off * speed for off, _, speed in pairs],
+    }
+    assert drifting.ratio == pytest.approx(steady.ratio)
+    assert drifting.noise == pytest.approx(steady.noise, abs=1e-9)
+    ratios = sorted(ratio for _, ratio, _ in pairs)
+    assert ratios[0] <= steady.ratio <= ratios[-1]
+    assert 0 <= steady.noise <= (ratios[-1] - ratios[0]) / 2 + 1e-9
