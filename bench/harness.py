@@ -80,6 +80,12 @@ class BenchError(RuntimeError):
     """The bench cannot go on; the message says why."""
 
 
+class Stalled(BenchError):
+    """wrk itself was not scheduled for a while (the VM's steal, seconds long at times
+    here): its run outlasted its duration, and the requests it had in flight then counted
+    as timeouts. Such a run says nothing of the server; it is measured again."""
+
+
 def invoice_path(invoice_id: str) -> str:
     return f"/v1/organizations/{ORGANIZATION}/invoices/{invoice_id}"
 
@@ -750,11 +756,38 @@ def wrk(port: int, script: Path, duration_s: int, connections: int, scheme: str 
         check=True,
     ).stdout
     if "Non-2xx" in out or "Socket errors" in out:
+        elapsed = _stalled_for(out, duration_s, connections)
+        if elapsed is not None:
+            raise Stalled(
+                f"wrk's {duration_s} s run on port {port} took {elapsed:.1f} s, its requests"
+                " in flight timed out"
+            )
         raise BenchError(f"wrk saw errors on port {port}:\n{out}")
     match = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if match is None:
         raise BenchError(f"no Requests/sec in wrk's output:\n{out}")
     return float(match[1])
+
+
+_WRK_ELAPSED = re.compile(r"requests in ([\d.]+)(us|ms|s|m),")
+_WRK_UNITS_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+_WRK_SOCKET_ERRORS = re.compile(
+    r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)"
+)
+
+
+def _stalled_for(out: str, duration_s: int, connections: int) -> float | None:
+    """How long a wrk run that stalled took (see `Stalled`); None: it did not stall. A
+    stall: no error but timeouts, no more of them than connections (the requests in
+    flight), and the run at least a second longer than asked."""
+    errors, elapsed = _WRK_SOCKET_ERRORS.search(out), _WRK_ELAPSED.search(out)
+    if "Non-2xx" in out or errors is None or elapsed is None:
+        return None
+    connect, read, write, timeouts = (int(n) for n in errors.groups())
+    took = float(elapsed[1]) * _WRK_UNITS_S[elapsed[2]]
+    if connect or read or write or not 0 < timeouts <= connections or took < duration_s + 1:
+        return None
+    return took
 
 
 @contextlib.contextmanager
@@ -773,13 +806,15 @@ class Noise:
     """How loaded the machine was during the kept measurements (the table reports it)."""
 
     repeated: int = 0  # measurements repeated because other processes were busy
+    stalled: int = 0  # measurements repeated because wrk stalled (`Stalled`)
     worst_load: float = 0.0  # the most foreign CPU (cores) during a kept measurement
 
 
 class Quiet:
     """Measurements on a machine that may be shared: each is repeated (at most
     `max_repeats` times, `max_total_repeats` in the run, so the run stays within
-    minutes on a busy machine) when other processes took more than NOISE_LIMIT_CORES."""
+    minutes on a busy machine) when other processes took more than NOISE_LIMIT_CORES,
+    and (at most `max_repeats` times) when wrk stalled in it."""
 
     def __init__(
         self,
@@ -805,14 +840,24 @@ class Quiet:
         )
 
     def measure(self, what: str, run: Callable[[], T]) -> tuple[T, cpu.Load]:
-        """Run one measurement; repeat it (bounded) when other processes took CPU meanwhile."""
+        """Run one measurement; repeat it (bounded) when other processes took CPU meanwhile,
+        or when wrk stalled in it (`Stalled`: at most `max_repeats` times, whatever the
+        run's total, as a stalled run has no figure to keep)."""
         noise = self._noise
         for attempt in range(self._max_repeats + 1):
             # The request logs of the previous measurement (tens of MB at full load) are
             # written back first: that writeback stalls both cores for milliseconds.
             os.sync()
             meter = cpu.Meter(self._processes.pids)
-            value = run()
+            try:
+                value = run()
+            except Stalled as exc:
+                if attempt == self._max_repeats:
+                    raise
+                noise.stalled += 1
+                print(f"  ({what}: {exc}: repeating)", flush=True)
+                self.wait()
+                continue
             load = meter.load()
             busy = load.foreign_cores + load.steal_cores
             if (

@@ -206,7 +206,8 @@ def table(results: Results) -> str:
         "",
         f"Other processes on the machine: at most {noise.worst_load:.2f} cores busy during a"
         f" kept measurement; {noise.repeated} measurement(s) repeated because they took"
-        f" more than {NOISE_LIMIT_CORES} cores.",
+        f" more than {NOISE_LIMIT_CORES} cores, {noise.stalled} because wrk stalled in them"
+        " (its run outlasted its duration, its requests in flight timed out).",
         "",
         f"| invoice-proxy memory, {s.fill_invoices:,} invoices cached | |",
         "| --- | ---: |",

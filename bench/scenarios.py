@@ -66,6 +66,7 @@ from .harness import (
     Proxy,
     Quiet,
     Servers,
+    Stalled,
     invoice_path,
     metric_sum,
     pin,
@@ -113,6 +114,14 @@ class Bench:
         duration = self.settings.wrk_duration_s if duration_s is None else duration_s
         connections = self.settings.wrk_connections
         return wrk(port, script or self.script, duration, connections, scheme)
+
+    def warm(
+        self, port: int, duration_s: int, *, script: Path | None = None, scheme: str = "http"
+    ) -> None:
+        """A wrk run whose figure is not kept (it warms caches, connections, the code): one
+        in which wrk stalled (`Stalled`) warmed them as well."""
+        with contextlib.suppress(Stalled):
+            self.wrk(port, duration_s, script=script, scheme=scheme)
 
 
 def hot_ids(settings: Settings) -> list[str]:
@@ -192,7 +201,7 @@ def warm_up(bench: Bench) -> None:
     _check_hits(bench, bench.servers.proxy.port, "the proxy")
     _check_hits(bench, bench.servers.proxy_off.port, "the proxy with the fast lane off")
     for server in SERVERS:
-        bench.wrk(ports[server], bench.settings.warm_wrk_s)
+        bench.warm(ports[server], bench.settings.warm_wrk_s)
 
 
 def hit_throughput(bench: Bench, results: Results) -> None:
@@ -331,7 +340,7 @@ def miss_path(bench: Bench, results: Results) -> None:
         return script
 
     for side, proxy in sides.items():  # open its upstream connections, warm its code
-        bench.wrk(proxy.port, s.warm_wrk_s, script=miss_script(side))
+        bench.warm(proxy.port, s.warm_wrk_s, script=miss_script(side))
     bench.quiet.wait()
 
     def wrk_round(side: str) -> _MissRound:
@@ -459,7 +468,7 @@ def workers_scaling(bench: Bench, results: Results) -> None:
     sides = {ONE_WORKER: servers.proxy, TWO_WORKERS: two}
     _warm_workers(bench, two)
     before = _lookups_of(two.metrics(), "miss")
-    bench.wrk(two.port, s.warm_wrk_s)
+    bench.warm(two.port, s.warm_wrk_s)
     if _lookups_of(two.metrics(), "miss") != before:
         raise BenchError(f"{two.name}: cache misses while wrk ran over the hot invoices")
     bench.quiet.wait()
@@ -560,7 +569,7 @@ def fleet(bench: Bench, results: Results) -> None:
     for proxy in sides.values():
         _fetch_all(bench, proxy.port, bench.hot_paths, proxy.name)
         _check_hits(bench, proxy.port, proxy.name)
-        bench.wrk(proxy.port, bench.settings.warm_wrk_s)
+        bench.warm(proxy.port, bench.settings.warm_wrk_s)
     bench.quiet.wait()
 
     s = bench.settings
@@ -724,7 +733,7 @@ def callers_and_tls(bench: Bench, results: Results) -> None:
         if x_cache != {"HIT"}:
             raise BenchError(f"{proxy.name}'s hot invoices are not all cache hits: {x_cache}")
     for proxy, script, scheme in sides.values():
-        bench.wrk(proxy.port, s.warm_wrk_s, script=script, scheme=scheme)
+        bench.warm(proxy.port, s.warm_wrk_s, script=script, scheme=scheme)
     bench.quiet.wait()
 
     print(
@@ -790,7 +799,7 @@ def profile_proxy(bench: Bench, kind: str = PROFILE_HITS) -> profile.Profile | N
         os.sched_setaffinity(recorder.pid, {int(CLIENT_CORE)})
     try:
         time.sleep(0.5)
-        bench.wrk(proxy.port, duration, script=script)
+        bench.warm(proxy.port, duration, script=script)  # the load py-spy samples
         _, err = recorder.communicate(timeout=duration + 30)
     finally:
         if recorder.poll() is None:

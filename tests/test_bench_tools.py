@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -151,3 +152,66 @@ def test_the_miss_figure_and_its_noise_do_not_move_with_the_hosts_speed(
     ratios = sorted(ratio for _, ratio, _ in pairs)
     assert ratios[0] <= steady.ratio <= ratios[-1]
     assert 0 <= steady.noise <= (ratios[-1] - ratios[0]) / 2 + 1e-9
+
+
+# What wrk printed in a `make bench` run on this VM when it was not scheduled for 3 s: a
+# 5 s run that took 8.04 s, the 50 requests in flight then counted as timeouts.
+STALLED_WRK = """Running 5s test @ http://127.0.0.1:32817
+  1 threads and 50 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   801.82us  783.30us  36.41ms   98.31%
+    Req/Sec    64.72k    11.00k   83.04k    86.27%
+  327891 requests in 8.04s, 93.43MB read
+  Socket errors: connect 0, read 0, write 0, timeout 50
+Requests/sec:  40770.20
+Transfer/sec:     11.62MB
+"""
+
+
+@pytest.mark.parametrize(
+    ("out", "stalled"),
+    [
+        (STALLED_WRK, True),
+        # The server itself too slow: the run ended on time, its requests timed out.
+        (STALLED_WRK.replace("in 8.04s", "in 5.01s"), False),
+        # Refused or broken connections, or more timeouts than requests in flight.
+        (STALLED_WRK.replace("read 0", "read 3"), False),
+        (STALLED_WRK.replace("timeout 50", "timeout 51"), False),
+        (STALLED_WRK.replace("Socket", "Non-2xx or 3xx responses: 7\n  Socket"), False),
+        (STALLED_WRK.replace("in 8.04s", "in 1.02m"), True),
+    ],
+)
+def test_a_wrk_run_that_stalled_is_told_from_one_that_saw_errors(
+    monkeypatch: pytest.MonkeyPatch, out: str, stalled: bool
+) -> None:
+    """A stalled run says nothing of the server and is measured again (`Stalled`); a run
+    with any other error stops the bench, as a server that fails must."""
+
+    def wrk_printed(argv: list[str], **_: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(argv, 0, stdout=out, stderr="")
+
+    # wrk comes with `make bench`, not `make test`: what it printed is what is read here.
+    monkeypatch.setattr(harness.subprocess, "run", wrk_printed)
+    with pytest.raises(harness.BenchError) as raised:
+        harness.wrk(32817, Path("hot.lua"), 5, 50)
+    assert isinstance(raised.value, harness.Stalled) is stalled
+
+
+def test_a_measurement_in_which_wrk_stalled_is_taken_again() -> None:
+    noise = harness.Noise()
+    quiet = harness.Quiet(
+        harness.Processes(), noise, max_repeats=1, max_total_repeats=0, wait_s=0
+    )  # the run's other repeats are used up: a stalled run is repeated all the same
+    runs = iter([harness.Stalled("wrk stalled"), 1234.0])
+
+    def measurement() -> float:
+        got = next(runs)
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    assert quiet.measure("a round", measurement)[0] == 1234.0
+    assert noise.stalled == 1
+    runs = iter([harness.Stalled("wrk stalled"), harness.Stalled("again")])
+    with pytest.raises(harness.Stalled, match="again"):
+        quiet.measure("a round", measurement)
