@@ -184,7 +184,7 @@ class Misses:
         if len(ratios) < 2:
             return 0.0
         low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
-        return (high - low) / 2
+        return max(0.0, (high - low) / 2)  # not below 0 for rounding
 
     def median(self, side: str, figure: str = "throughput") -> float:
         return statistics.median((self.throughput if figure == "throughput" else self.cpu_us)[side])

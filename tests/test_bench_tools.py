@@ -149,7 +149,7 @@ def test_the_miss_figure_and_its_noise_do_not_move_with_the_hosts_speed(
     }
     assert drifting.ratio == pytest.approx(steady.ratio)
     assert drifting.noise == pytest.approx(steady.noise, abs=1e-9)
-    ratios = sorted(ratio for _, ratio, _ in pairs)
+    ratios = sorted(steady.ratios())  # each pair's on/off, as divided from its rounds
     assert ratios[0] <= steady.ratio <= ratios[-1]
     assert 0 <= steady.noise <= (ratios[-1] - ratios[0]) / 2 + 1e-9
 
