@@ -380,7 +380,9 @@ def start_proxy(
     HTTP); with `workers`, once every worker is (the configuration must set
     `server.workers` to as many)."""
     what = f"invoice-proxy ({name})"
-    for attempt in range(1, PORT_ATTEMPTS + 1):
+    attempt = 0
+    while True:
+        attempt += 1
         port, admin_port = free_port(), free_ports_in_a_row(workers)
         while admin_port <= port < admin_port + workers:
             port = free_port()
@@ -400,7 +402,6 @@ def start_proxy(
             print(f"  ({what}: a port was taken before it bound it; trying others)", flush=True)
             continue
         return proxy
-    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def _port_taken(process: subprocess.Popen[bytes], log: Path) -> bool:

@@ -3,15 +3,34 @@ stopped, or paused to play an outage (SIGSTOP: connections are accepted, nothing
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
+from collections.abc import Iterator
+from types import ModuleType
+
+import pytest
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def port_taken_first(module: ModuleType, monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    """A port another socket listens on, which `module.free_port` hands out first (free
+    ports after it): the race of a port found free and taken before it is bound."""
+    free = module.free_port
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = int(taken.getsockname()[1])
+        found = iter([busy])
+        monkeypatch.setattr(module, "free_port", lambda: next(found, None) or free())
+        yield busy
 
 
 class ServerProcess:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,6 +15,8 @@ from hypothesis import strategies as st
 
 from bench import harness, hit_parts, instructions, log_lines, pauses, profile
 from bench.figures import LANE_OFF, LANE_ON, Misses
+
+from .processes import port_taken_first
 
 
 def test_hit_parts_times_a_lane_hit_and_each_of_its_parts(
@@ -83,7 +84,6 @@ def test_a_bench_proxy_whose_port_was_taken_first_starts_again_on_other_ports(
     """`make bench` starts a dozen proxies on ports found free; one taken by another
     process before the proxy binds it is a `start_failed`, and the bench starts that
     proxy again on other ports instead of stopping half-way."""
-    free_port = harness.free_port
     processes = harness.Processes()
     credential = harness.write_credential(tmp_path, "bench-token-id", "pscale_tkn_bench")
 
@@ -94,12 +94,7 @@ def test_a_bench_proxy_whose_port_was_taken_first_starts_again_on_other_ports(
             upstream={}, cache={}, logging={},
         )  # fmt: skip
 
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        busy = taken.getsockname()[1]
-        found = iter([busy])
-        monkeypatch.setattr(harness, "free_port", lambda: next(found, None) or free_port())
+    with port_taken_first(harness, monkeypatch) as busy:
         try:
             proxy = harness.start_proxy(processes, tmp_path, "taken", config, core=None)
             assert proxy.port != busy

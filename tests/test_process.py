@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import sys
 import tomllib
 from collections.abc import AsyncIterator, Iterable
@@ -33,7 +32,7 @@ from .helpers import (
     to_toml,
     write_credential,
 )
-from .processes import free_port
+from .processes import port_taken_first
 
 
 @pytest.fixture
@@ -323,12 +322,7 @@ async def test_a_port_taken_after_it_was_found_free_is_tried_again_on_other_port
     """The race every test with a process runs: a port found free is taken by another
     process before `serve` binds it. The process logs `start_failed`, and the test
     helper starts it again on other ports instead of failing the test."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        busy = taken.getsockname()[1]
-        found = iter([busy])
-        monkeypatch.setattr(helpers, "free_port", lambda: next(found, None) or free_port())
+    with port_taken_first(helpers, monkeypatch) as busy:
 
         def data(ports: dict[str, Any]) -> dict[str, Any]:
             return config_dict(upstream.base_url, credential_file, server=ports)
