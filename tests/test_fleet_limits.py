@@ -5,6 +5,7 @@ Requests are counted at the stand-in; three proxies share one real Redis."""
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 
 import aiohttp
@@ -48,20 +49,22 @@ async def test_a_429_on_one_replica_holds_all_three_off_then_one_probe_goes_firs
 
     # For 2 seconds, uncached misses on every replica are refused at once, unasked.
     await asyncio.sleep(0.05)  # the hold reaches Redis (in the background of that miss)
-    n = 0
-    # Each request is sent well within the hold: a stall of the host between the hold's
-    # start and this test's next step (0.2 s in a CI run) must not carry one beyond it.
-    while time.monotonic() - sent_at < 1.5:
+    n, took = 0, []
+    # Each request is sent well within the hold, so that a stall of the host (0.2-0.6 s
+    # in CI runs) between the hold's start and a request's answer cannot carry it beyond.
+    while time.monotonic() - sent_at < 1.2:
         proxy = proxies[n % 3]
         start = time.monotonic()
         response = await get(proxy, f"inv_held_{n}")
-        # Not waited out: the hold lasts 2 s. (0.2 s was once passed under steal time.)
-        assert time.monotonic() - start < 0.5, "answered at once"
+        took.append(time.monotonic() - start)
         assert 1 <= await refused_as(response, 429, "rate_limited") <= 2
         n += 1
         if n % 3 == 0:
             await asyncio.sleep(0.05)
     assert n >= 30
+    # Answered at once, not waited out: the median is milliseconds, whatever one stall
+    # of the host adds to a request (0.53 s once, in a run beside two busy loops).
+    assert statistics.median(took) < 0.1 and max(took) < 1.0, took
     assert upstream.standin.stats.requests == 1, "PlanetScale saw nothing during the hold"
     assert all(metric(p, "invoice_proxy_fleet_budget_total", result="held") > 0 for p in proxies)
 
