@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import statistics
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -520,15 +521,18 @@ async def test_a_429_for_one_organization_holds_its_misses_on_every_replica_not_
         assert await inspect.exists(hold) == 1, "the hold sits beside acme's budget key"
         holds = {k.decode() async for k in inspect.scan_iter("orgs:v1:hold:*")}
         assert holds == {hold}, "no hold for globex, nor for the whole fleet"
+        took = []
         for n, replica in enumerate(replicas * 3):
             start = time.monotonic()
             path = invoice_path(acme, f"inv_held_{n}")
             async with replica.api.get(path, headers=BILLING) as response:
                 await assert_error(response, 429, "rate_limited")
                 assert 1 <= int(response.headers["Retry-After"]) <= 2
-            assert time.monotonic() - start < 0.2, "answered at once"
+            took.append(time.monotonic() - start)
             assert await status(replica, globex, f"inv_served_{n}", BILLING) == 200
         assert time.monotonic() - seen_at < 1.9, "all of that within the hold"
+        # Answered at once, not waited out (the median: one stall of the host is not it).
+        assert statistics.median(took) < 0.1 and max(took) < 1.0, took
         assert upstream.standin.stats.by_organization[acme] == 1, "acme's PlanetScale rested"
         assert upstream.standin.stats.by_organization[globex] == 9
         pages = [await scrape(replica) for replica in replicas]
@@ -536,6 +540,10 @@ async def test_a_429_for_one_organization_holds_its_misses_on_every_replica_not_
             metric(page, "invoice_proxy_fleet_budget_total", result="held") == 3 for page in pages
         )
         await asyncio.sleep(max(0.0, seen_at + 2.1 - time.monotonic()))
+        for _ in range(100):  # the hold was written a moment after the 429 arrived
+            if not await inspect.exists(hold):
+                break
+            await asyncio.sleep(0.02)
         assert await status(replicas[1], acme, "inv_after", BILLING) == 200, "the probe"
     assert upstream.standin.stats.by_organization[acme] == 2
 
