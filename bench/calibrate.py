@@ -32,12 +32,9 @@ from .harness import (
     BenchError,
     Processes,
     client_core,
-    free_port,
     invoice_path,
-    pinned,
-    port_open,
+    start_listening,
     start_servers,
-    wait_until,
     wrk,
     wrk_script,
 )
@@ -98,12 +95,11 @@ def measure(busy: list[float], seconds: int, connections: int) -> list[tuple[str
             wrk(nginx, script, 2, connections)  # nginx fetches and caches the invoice
             rows.append(("nginx proxy_cache", wrk(nginx, script, seconds, connections)))
             for busy_us in busy:
-                port = free_port()
-                argv = [sys.executable, "-m", "bench.calibrate", "--serve", str(port)]
-                argv += ["--busy", str(busy_us)]
+                argv = partial(_serve_argv, busy_us)
                 log = workdir / f"bare-{busy_us:g}.log"
-                process = processes.start("bare", pinned(SERVER_CORE, argv), log)
-                wait_until(partial(port_open, port), "the bare protocol", process, log)
+                port, process = start_listening(
+                    processes, "the bare protocol", SERVER_CORE, argv, log
+                )
                 rows.append((f"bare + {busy_us:g} us", wrk(port, script, seconds, connections)))
                 process.terminate()
                 process.wait(timeout=10)
@@ -111,6 +107,10 @@ def measure(busy: list[float], seconds: int, connections: int) -> list[tuple[str
         processes.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
     return rows
+
+
+def _serve_argv(busy_us: float, port: int) -> list[str]:
+    return [sys.executable, "-m", "bench.calibrate", "--busy", str(busy_us), "--serve", str(port)]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,6 +25,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -61,7 +62,7 @@ PROXY, PROXY_OFF, NGINX, BARE = (
 SERVERS = (PROXY, PROXY_OFF, NGINX, BARE)
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
-# Starts of a proxy on ports found free, one of which another process may take first.
+# Starts of a server on ports found free, one of which another process may take first.
 PORT_ATTEMPTS = 3
 # A measurement during which other processes used more CPU than this (in cores) is
 # repeated (bounded, see Quiet); the table says how loaded the kept ones were.
@@ -118,9 +119,25 @@ def pinned(core: str, argv: Sequence[str]) -> list[str]:
     return ["taskset", "-c", core, *argv]
 
 
-def port_open(port: int) -> bool:
-    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-        return True
+def listens_on(pid: int, port: int) -> bool:
+    """Process `pid` has a socket listening on 127.0.0.1:`port` (Linux's /proc), not just
+    anyone: a port found free may be taken by another process before `pid` binds it."""
+    inodes = set()
+    with open("/proc/net/tcp") as table:
+        next(table)  # the header
+        for line in table:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and local == f"0100007F:{port:04X}":  # LISTEN, little-endian
+                inodes.add(f"socket:[{inode}]")
+    if not inodes:
+        return False
+    fds = f"/proc/{pid}/fd"
+    for fd in os.listdir(fds):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            if os.readlink(f"{fds}/{fd}") in inodes:
+                return True
+    return False
 
 
 def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
@@ -396,22 +413,25 @@ def start_proxy(
         try:
             wait_until(proxy.ready, what, process, log, start_timeout_s)
         except BenchError:
-            # A port found free can be taken before the proxy binds it: other ports, then.
-            if attempt == PORT_ATTEMPTS or not _port_taken(process, log):
+            if not _try_other_ports(what, attempt, process, log):
                 raise
-            print(f"  ({what}: a port was taken before it bound it; trying others)", flush=True)
             continue
         return proxy
 
 
-def _port_taken(process: subprocess.Popen[bytes], log: Path) -> bool:
-    """The proxy ended because a port it was given was in use (its `start_failed` line)."""
-    if process.poll() is None:
+def _try_other_ports(what: str, attempt: int, process: subprocess.Popen[bytes], log: Path) -> bool:
+    """A server that did not start: start it again on other ports, if attempts are left
+    and it ended because a port found free was taken before it bound it."""
+    if attempt == PORT_ATTEMPTS or not _port_taken(process, log):
         return False
-    return any(
-        '"start_failed"' in line and "Address already in use" in line
-        for line in _tail(log).splitlines()
-    )
+    print(f"  ({what}: a port was taken before it bound it; trying others)", flush=True)
+    return True
+
+
+def _port_taken(process: subprocess.Popen[bytes], log: Path) -> bool:
+    """The server ended because a port it was given was in use: the proxy's `start_failed`
+    line, aiohttp's, http.server's, nginx's and redis-server's errors all say so."""
+    return process.poll() is not None and "address already in use" in _tail(log).lower()
 
 
 def pin(pid: int, core: str) -> None:
@@ -595,10 +615,12 @@ def start_issuer(processes: Processes, workdir: Path) -> Issuer:
     directory.mkdir()
     jwks = {"keys": [{**jwk, "kid": "bench-1", "alg": "RS256", "use": "sig"}]}
     (directory / "jwks.json").write_text(json.dumps(jwks))
-    port = free_port()
     argv = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1"]
-    argv += ["--directory", str(directory), str(port)]
-    _start_listening(processes, "the JWKS server", CLIENT_CORE, argv, workdir / "issuer.log", port)
+    argv += ["--directory", str(directory)]
+    port, _ = start_listening(
+        processes, "the JWKS server", CLIENT_CORE, lambda port: [*argv, str(port)],
+        workdir / "issuer.log",
+    )  # fmt: skip
     return Issuer(port, key)
 
 
@@ -616,12 +638,29 @@ def _nginx_config(prefix: Path, port: int, standin_port: int, authorization: str
     return text
 
 
-def _start_listening(
-    processes: Processes, name: str, core: str, argv: Sequence[str], log: Path, port: int
-) -> None:
-    """Start a server on `core` and wait until its port accepts connections."""
-    process = processes.start(name, pinned(core, argv), log)
-    wait_until(lambda: port_open(port), name, process, log)
+def start_listening(
+    processes: Processes,
+    name: str,
+    core: str | None,
+    argv: Callable[[int], Sequence[str]],
+    log: Path,
+) -> tuple[int, subprocess.Popen[bytes]]:
+    """Start `argv(port)` on `core` (None: not pinned), on a port found free, and wait
+    until it listens there; its port and process. A port taken before it was bound:
+    other ports (`PORT_ATTEMPTS`)."""
+    attempt = 0
+    while True:
+        attempt += 1
+        port = free_port()
+        command = argv(port)
+        process = processes.start(name, command if core is None else pinned(core, command), log)
+        try:
+            wait_until(partial(listens_on, process.pid, port), name, process, log)
+        except BenchError:
+            if not _try_other_ports(name, attempt, process, log):
+                raise
+            continue
+        return port, process
 
 
 def start_servers(processes: Processes, workdir: Path, hot_ids: list[str]) -> Servers:
@@ -632,13 +671,12 @@ def start_servers(processes: Processes, workdir: Path, hot_ids: list[str]) -> Se
     python = sys.executable
     token_id, _, token = upstream_authorization.partition(":")
 
-    standin_port = free_port()
     # The stand-in is idle while hits are measured; it shares the client core.
-    standin_argv = [python, "-m", "proxy.standin", "--port", str(standin_port)]
-    standin_argv += ["--token", upstream_authorization]
-    _start_listening(
-        processes, "the stand-in", CLIENT_CORE, standin_argv, workdir / "standin.log", standin_port
-    )
+    standin_argv = [python, "-m", "proxy.standin", "--token", upstream_authorization]
+    standin_port, _ = start_listening(
+        processes, "the stand-in", CLIENT_CORE,
+        lambda port: [*standin_argv, "--port", str(port)], workdir / "standin.log",
+    )  # fmt: skip
 
     credential = write_credential(workdir, token_id, token)
     proxy = _start_bench_proxy(processes, workdir, "proxy", standin_port, credential, caller_key)
@@ -648,21 +686,24 @@ def start_servers(processes: Processes, workdir: Path, hot_ids: list[str]) -> Se
 
     prefix = workdir / "nginx"
     prefix.mkdir()
-    nginx_port = free_port()
     conf = prefix / "nginx.conf"
-    conf.write_text(_nginx_config(prefix, nginx_port, standin_port, upstream_authorization))
-    nginx_argv = ["nginx", "-p", str(prefix), "-c", str(conf)]
-    nginx_argv += ["-e", str(prefix / "error.log"), "-g", "daemon off;"]
-    nginx = processes.start("nginx", pinned(SERVER_CORE, nginx_argv), workdir / "nginx.out")
-    # Its start-up errors go to its stderr as well as error.log, and so do taskset's.
-    wait_until(lambda: port_open(nginx_port), "nginx", nginx, workdir / "nginx.out")
 
-    bare_port = free_port()
-    bare_argv = [python, "-m", "bench.bare", "--port", str(bare_port)]
-    bare_argv += ["--organization", ORGANIZATION, "--ids", ",".join(hot_ids)]
-    _start_listening(
-        processes, "the bare aiohttp app", SERVER_CORE, bare_argv, workdir / "bare.log", bare_port
+    def nginx_argv(port: int) -> list[str]:
+        conf.write_text(_nginx_config(prefix, port, standin_port, upstream_authorization))
+        return ["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log"),
+                "-g", "daemon off;"]  # fmt: skip
+
+    # Its start-up errors go to its stderr as well as error.log, and so do taskset's.
+    nginx_port, _ = start_listening(
+        processes, "nginx", SERVER_CORE, nginx_argv, workdir / "nginx.out"
     )
+
+    bare_argv = [python, "-m", "bench.bare", "--organization", ORGANIZATION]
+    bare_argv += ["--ids", ",".join(hot_ids)]
+    bare_port, _ = start_listening(
+        processes, "the bare aiohttp app", SERVER_CORE,
+        lambda port: [*bare_argv, "--port", str(port)], workdir / "bare.log",
+    )  # fmt: skip
 
     ports = dict(zip(SERVERS, (proxy.port, proxy_off.port, nginx_port, bare_port), strict=True))
     return Servers(
@@ -699,12 +740,12 @@ class RedisServer:
 
 def start_redis(processes: Processes, workdir: Path) -> RedisServer:
     """redis-server on core 0 with the proxies, no persistence."""
-    port = free_port()
     log = workdir / "redis.log"
-    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1"]
-    argv += ["--save", "", "--appendonly", "no", "--dir", str(workdir)]
-    argv += ["--loglevel", "warning"]
-    process = processes.start("redis-server", pinned(SERVER_CORE, argv), log)
+    argv = ["redis-server", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    argv += ["--dir", str(workdir), "--loglevel", "warning"]
+    port, process = start_listening(
+        processes, "redis-server", SERVER_CORE, lambda port: [*argv, "--port", str(port)], log
+    )
     # One connection for the run, opened by the PING below (with redis-py's HELLO), so
     # the bench's own commands after it are the INFO that `commands` leaves out;
     # driver_info=None: no CLIENT SETINFO.

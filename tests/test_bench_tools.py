@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -102,6 +104,47 @@ def test_a_bench_proxy_whose_port_was_taken_first_starts_again_on_other_ports(
         finally:
             processes.stop_all()
     assert "a port was taken before it bound it; trying others" in capsys.readouterr().out
+
+
+def test_any_bench_server_whose_port_was_taken_first_starts_again_on_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The stand-in, nginx, the bare app, Redis and the JWKS server start as the proxies
+    do: on a port found free, again on another when it was taken first. The port counts
+    as theirs only when they listen on it: the socket that took it does not."""
+    processes = harness.Processes()
+    (tmp_path / "jwks.json").write_text('{"keys": []}')
+    serve = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1"]
+    serve += ["--directory", str(tmp_path)]
+    with port_taken_first(harness, monkeypatch) as busy:
+        try:
+            port, process = harness.start_listening(
+                processes, "a static server", None, lambda port: [*serve, str(port)],
+                tmp_path / "static.log",
+            )  # fmt: skip
+            assert port != busy
+            assert harness.listens_on(process.pid, port)
+            assert harness.http_get(f"http://127.0.0.1:{port}/jwks.json") == (200, b'{"keys": []}')
+        finally:
+            processes.stop_all()
+    out = capsys.readouterr().out
+    assert "a static server: a port was taken before it bound it; trying others" in out
+
+
+def test_a_port_is_a_servers_own_only_while_that_server_listens_on_it() -> None:
+    with socket.socket() as ours:
+        ours.bind(("127.0.0.1", 0))
+        port = int(ours.getsockname()[1])
+        assert not harness.listens_on(os.getpid(), port), "bound, not listening"
+        ours.listen()
+        assert harness.listens_on(os.getpid(), port)
+        child = subprocess.Popen(["sleep", "30"])
+        try:
+            assert not harness.listens_on(child.pid, port), "another process's listener"
+        finally:
+            child.kill()
+            child.wait()
+    assert not harness.listens_on(os.getpid(), port)
 
 
 def test_a_server_that_ends_before_writing_its_log_is_reported_with_its_exit_code(
