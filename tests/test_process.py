@@ -334,3 +334,50 @@ async def test_a_port_taken_after_it_was_found_free_is_tried_again_on_other_port
                 response = await session.get(served.url + invoice_path(), headers=BILLING)
                 assert response.status == 200
     assert (tmp_path / f"config-{busy}.toml").exists(), "the first attempt had the taken port"
+
+
+GROWING_CACHE = {
+    "cache": {"max_bytes": 64 << 20},
+    "upstream": {"rate_per_s": 100_000.0, "burst": 10_000},
+}
+
+
+@pytest.mark.parametrize("served", [GROWING_CACHE], indirect=True)
+async def test_a_cache_growing_under_misses_runs_the_garbage_collector_rarely(
+    served: Served, upstream: Upstream
+) -> None:
+    """Each miss leaves an entry alive: with CPython's default threshold these 3,000
+    misses ran 28 young collections and 2 of the middle generation, and a cache growing
+    on ran full ones that walk every entry (0.15 s each at 200,000 entries; see
+    GC_YOUNG_THRESHOLD). The proxy counts its collections on /metrics (prometheus_client's)."""
+
+    async def collections(session: aiohttp.ClientSession) -> list[float]:
+        async with session.get(served.admin_url + "/metrics") as response:
+            page = helpers.scraped(await response.text())
+        return [
+            helpers.metric(page, "python_gc_collections_total", generation=str(g)) for g in range(3)
+        ]
+
+    async def drain() -> None:  # the request lines: a full pipe would hold the proxy
+        assert served.process.stdout is not None
+        while await served.process.stdout.readline():
+            pass
+
+    draining = asyncio.create_task(drain())
+    connector = aiohttp.TCPConnector(limit=10)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        before = await collections(session)
+
+        async def fetch(n: int) -> int:
+            path = invoice_path("acme", f"inv_grow_{n}")
+            async with session.get(served.url + path, headers=BILLING) as response:
+                await response.read()
+                return response.status
+
+        statuses = await asyncio.gather(*(fetch(n) for n in range(3000)))
+        after = await collections(session)
+    draining.cancel()
+    assert statuses == [200] * 3000
+    assert upstream.standin.stats.requests == 3000
+    young, middle, full = (a - b for a, b in zip(after, before, strict=True))
+    assert young <= 1 and middle == 0 and full == 0, (young, middle, full)
