@@ -72,9 +72,9 @@ class Settings:
     profile_duration_s: int = 8  # of py-spy under wrk
     # The miss path (issue 14), fast lane on against off: wrk rounds of fresh invoices,
     # then rounds of fresh invoices requested one at a time.
-    # Many short rounds, each a pair (on, off) in an order that alternates: the host's
-    # speed drifts by a third within a minute here, and a pair two seconds apart
-    # shares it, where rounds of 5 s (six of them) did not.
+    # Many short rounds, each of the two proxies of each side in an order that rotates:
+    # the host's speed drifts by a third within a minute here, and a round of four
+    # runs of two seconds shares it, where rounds of 5 s (six of them) did not.
     miss_rounds: int = 16  # alternating, so even
     miss_duration_s: int = 2  # per wrk round
     miss_latency_rounds: int = 3
@@ -143,10 +143,10 @@ def _median_ratio(a: list[float], b: list[float]) -> float:
 
 @dataclass
 class Misses:
-    """Issue 14's miss path: two twin proxies, LANE_ON and LANE_OFF, each request a fresh
-    invoice that the stand-in answers."""
+    """Issue 14's miss path: two proxies of each side, LANE_ON and LANE_OFF, each request a
+    fresh invoice that the stand-in answers."""
 
-    # misses/s of each wrk round, by side (LANE_SIDES)
+    # misses/s of each wrk round, by side (LANE_SIDES): the geometric mean of its two
     throughput: dict[str, list[float]] = field(default_factory=dict)
     # the proxy's CPU time per miss in each wrk round, microseconds, by side
     cpu_us: dict[str, list[float]] = field(default_factory=dict)

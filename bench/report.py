@@ -467,16 +467,19 @@ logs (tens of MB after a throughput run) otherwise stalls both cores for millise
 ## The miss path, fast lane on and off
 
 Issue 14's figure for misses: the fast lane must hand every request that is not a
-fresh hit to aiohttp at no visible cost. Two more `python -m proxy serve` processes on
+fresh hit to aiohttp at no visible cost. Four more `python -m proxy serve` processes on
 core {SERVER_CORE}, started for this part, configured as above but for
-`server.fast_lane` (true, false); the upstream rate cap is far above what wrk asks
-(`upstream.rate_per_s` and `burst` 100,000), so the proxy is measured, not the cap.
-Each of {s.miss_rounds} rounds runs wrk `-t1 -c{s.wrk_connections} -d{s.miss_duration_s}s`
-against each, one after the other, the one that goes first alternating; every request is
+`server.fast_lane`: two with true, two with false (two processes of the same code
+differed by 3-5 % in misses/s here, as much as the lane). The upstream rate cap is far
+above what wrk asks (`upstream.rate_per_s` and `burst` 100,000), so the proxy is
+measured, not the cap. Each of {s.miss_rounds} rounds runs wrk
+`-t1 -c{s.wrk_connections} -d{s.miss_duration_s}s` against each of the four, one after
+the other, in an order that rotates (on, off, on, off to begin with); every request is
 for an invoice never asked before, which the stand-in answers (on core {CLIENT_CORE}, with
-wrk; it answers at once). The rounds are short and many because this host's speed drifts
-by a third within a minute: the two halves of a round share it, and the figure is the
-median of the rounds' on/off ratios, its noise half their interquartile range.
+wrk; it answers at once). A side's figure in a round is the geometric mean of its two
+processes'. The rounds are short and many because this host's speed drifts by a third
+within a minute: the sides of a round share it, and the figure is the median of the
+rounds' on/off ratios, its noise half their interquartile range.
 The proxy's CPU per miss is its CPU time over the round divided by the requests it
 answered: unlike misses/s, it does not depend on whether the proxy, the stand-in or
 wrk was the limit. Then {s.miss_latency_rounds} rounds of {s.miss_latency_invoices:,} fresh

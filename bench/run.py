@@ -12,9 +12,9 @@ servers, round by round:
   the ratios proxy/nginx and proxy/(fast_lane=false) (issue 14);
 - hit latency p50/p99 at a fixed rate, half of the proxy's peak (open loop);
 - upstream requests caused by 500 concurrent first requests for 50 fresh invoices;
-- the miss path (issue 14), with two more proxies, the fast lane on and off: misses/s
-  under wrk (every request a fresh invoice), the proxy's CPU per miss, and misses one
-  at a time;
+- the miss path (issue 14), with four more proxies, two with the fast lane on and two
+  off: misses/s under wrk (every request a fresh invoice), the proxy's CPU per miss,
+  and misses one at a time;
 - workers (issue 14): hit throughput with `server.workers = 2` (worker 0 on core 0,
   worker 1 on core 1 beside wrk) against the one-worker proxy, and the CPU each used;
 - the proxy's resident memory before and after caching 100,000 invoices;

@@ -5,8 +5,9 @@
 - hit latency: the open-loop generator at half the proxy's peak, and after each round
   the machine's own pauses on both cores (bench/pauses.py);
 - fresh burst: upstream requests caused by concurrent first requests for fresh invoices;
-- the miss path (issue 14): two more proxies, the fast lane on and off, each request a
-  fresh invoice: wrk's misses/s and the proxy's CPU per miss, then one at a time;
+- the miss path (issue 14): four more proxies, two with the fast lane on and two off,
+  each request a fresh invoice: wrk's misses/s and the proxy's CPU per miss, then one
+  at a time;
 - workers (issue 14): a proxy with `server.workers = 2` against the proxy's one worker;
 - the fleet level (issue 8): redis-server and four more proxies;
 - callers and TLS (issue 15): a JWT caller's hits against a key caller's, and HTTPS
@@ -25,10 +26,11 @@ import itertools
 import os
 import random
 import ssl
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import uvloop
@@ -79,6 +81,8 @@ from .harness import (
     wrk_miss_script,
     wrk_script,
 )
+
+T = TypeVar("T")
 
 # A server's hit latency is measured at half PROXY's peak unless that is more than this
 # share of its own peak (an open loop beyond a server's capacity measures a queue): then
@@ -187,7 +191,7 @@ def _upstream_for(before: dict[str, Any], after: dict[str, Any], ids: list[str])
     return per_invoice
 
 
-def _rotated(sides: tuple[str, ...], round_: int) -> tuple[str, ...]:
+def _rotated(sides: tuple[T, ...], round_: int) -> tuple[T, ...]:
     """The sides in an order that rotates from round to round: a drift of the machine
     favours none of them."""
     shift = (round_ - 1) % len(sides)
@@ -316,19 +320,27 @@ def miss_path(bench: Bench, results: Results) -> None:
     """Issue 14: the miss path, the fast lane on against off (the lane must hand a miss
     to aiohttp at no visible cost).
 
-    Two twin proxies started for this part, "miss-on" and "miss-off" (`server.fast_lane`
-    true and false), otherwise as the others: the upstream rate cap far above what wrk
-    asks, so the proxy is measured, not the cap. Each wrk round sends every request for
-    a fresh invoice that the stand-in answers (on the client core, with wrk); the
-    proxy's CPU time per miss is its CPU over the round by the misses it answered. Then
-    rounds of fresh invoices one at a time over one connection (no queueing).
+    Four proxies started for this part, two of each side: "miss-on" and "miss-on-2"
+    (`server.fast_lane = true`), "miss-off" and "miss-off-2" (false), otherwise as the
+    others: the upstream rate cap far above what wrk asks, so the proxy is measured, not
+    the cap. Two of each, because two processes of the same code and configuration
+    differed by 3-5 % in misses/s over a dozen rounds, as much as the lane did: a side's
+    figure in a round is the geometric mean of its two. Each wrk round sends every
+    request for a fresh invoice that the stand-in answers (on the client core, with
+    wrk); the proxy's CPU time per miss is its CPU over the round by the misses it
+    answered. Then rounds of fresh invoices one at a time over one connection (no
+    queueing), through the first of each side.
     """
     figures, processes, servers, s = results.misses, bench.processes, bench.servers, bench.settings
-    print("misses: starting two proxies, the fast lane on and off ...", flush=True)
-    sides = {
-        LANE_ON: servers.start_proxy(processes, "miss-on", fast_lane=True),
-        LANE_OFF: servers.start_proxy(processes, "miss-off", fast_lane=False),
+    print("misses: starting four proxies, two with the fast lane on, two off ...", flush=True)
+    twins = {
+        side: tuple(
+            servers.start_proxy(processes, f"miss-{tag}{suffix}", fast_lane=side == LANE_ON)
+            for suffix in ("", "-2")
+        )
+        for side, tag in ((LANE_ON, "on"), (LANE_OFF, "off"))
     }
+    sides = {side: twins[side][0] for side in LANE_SIDES}
     bench.proxies[PROFILE_MISSES] = sides[LANE_ON]
     tags = {LANE_ON: "on", LANE_OFF: "off"}
     attempts = itertools.count()
@@ -340,12 +352,13 @@ def miss_path(bench: Bench, results: Results) -> None:
         wrk_miss_script(script, prefix, bench.authorization)
         return script
 
-    for side, proxy in sides.items():  # open its upstream connections, warm its code
-        bench.warm(proxy.port, s.warm_wrk_s, script=miss_script(side))
+    for side, proxies in twins.items():  # open their upstream connections, warm the code
+        for proxy in proxies:
+            bench.warm(proxy.port, s.warm_wrk_s, script=miss_script(side))
     bench.quiet.wait()
 
-    def wrk_round(side: str) -> _MissRound:
-        proxy, script = sides[side], miss_script(side)
+    def wrk_round(side: str, proxy: Proxy) -> _MissRound:
+        script = miss_script(side)
         metrics, upstream = proxy.metrics(), servers.standin_stats()["requests"]
         cpu_before = cpu.cpu_seconds([proxy.pid])
         rps = bench.wrk(proxy.port, s.miss_duration_s, script=script)
@@ -368,23 +381,32 @@ def miss_path(bench: Bench, results: Results) -> None:
     )
     figures.throughput = {side: [] for side in LANE_SIDES}
     figures.cpu_us = {side: [] for side in LANE_SIDES}
+    # on, off, on-2, off-2, rotated: each side's two are never measured one after the other
+    order = tuple((side, proxies[i]) for i in range(2) for side, proxies in twins.items())
     for round_ in range(1, s.miss_rounds + 1):
-        for side in _rotated(LANE_SIDES, round_):
-            got, load = bench.quiet.measure(side, lambda side=side: wrk_round(side))
+        rps: dict[str, list[float]] = {side: [] for side in LANE_SIDES}
+        cpu_us: dict[str, list[float]] = {side: [] for side in LANE_SIDES}
+        for side, proxy in _rotated(order, round_):
+            got, load = bench.quiet.measure(
+                proxy.name, lambda side=side, proxy=proxy: wrk_round(side, proxy)
+            )
             if got.requests == 0:
-                raise BenchError(f"misses through {side}: the proxy answered nothing")
-            figures.throughput[side].append(got.rps)
-            figures.cpu_us[side].append(got.cpu_s / got.requests * 1e6)
+                raise BenchError(f"misses through {proxy.name}: the proxy answered nothing")
+            rps[side].append(got.rps)
+            cpu_us[side].append(got.cpu_s / got.requests * 1e6)
             figures.misses += got.misses
             figures.hits += got.hits
             figures.upstream += got.upstream
             print(
-                f"  round {round_} {side:15} {got.rps:8,.0f} misses/s,"
-                f" {figures.cpu_us[side][-1]:6.0f} us of proxy CPU a miss;"
+                f"  round {round_} {proxy.name:10} {got.rps:8,.0f} misses/s,"
+                f" {cpu_us[side][-1]:6.0f} us of proxy CPU a miss;"
                 f" {got.misses:,} misses, {got.upstream:,} upstream, {got.hits} hits"
                 f"  (others: {load.foreign_cores:.2f} cores)",
                 flush=True,
             )
+        for side in LANE_SIDES:
+            figures.throughput[side].append(statistics.geometric_mean(rps[side]))
+            figures.cpu_us[side].append(statistics.geometric_mean(cpu_us[side]))
 
     n = s.miss_latency_invoices
 
