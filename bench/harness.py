@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Generic, TypeVar
 
 import jwt
 import redis
@@ -397,35 +397,51 @@ def start_proxy(
     HTTP); with `workers`, once every worker is (the configuration must set
     `server.workers` to as many)."""
     what = f"invoice-proxy ({name})"
-    attempt = 0
-    while True:
-        attempt += 1
+    log = workdir / f"{name}.log"  # the JSON request log: written, as in production
+
+    def launch() -> Launched[Proxy]:
         port, admin_port = free_port(), free_ports_in_a_row(workers)
         while admin_port <= port < admin_port + workers:
             port = free_port()
         path = workdir / f"{name}.toml"
         path.write_text(config(port, admin_port))
-        log = workdir / f"{name}.log"  # the JSON request log: written, as in production
         argv = [*command, "serve", "--config", str(path)]
         # taskset execs the command: the same process
         process = processes.start(what, argv if core is None else pinned(core, argv), log)
         proxy = Proxy(name, port, admin_port, process, tls, workers, log)
+        return Launched(proxy, process, proxy.ready)
+
+    return _on_free_ports(what, launch, log, start_timeout_s)
+
+
+@dataclass(frozen=True)
+class Launched(Generic[T]):
+    """A server just started on ports found free: what it is, its process, and whether
+    it is ready yet."""
+
+    value: T
+    process: subprocess.Popen[bytes]
+    ready: Callable[[], bool]
+
+
+def _on_free_ports(
+    what: str, launch: Callable[[], Launched[T]], log: Path, timeout_s: float = START_TIMEOUT_S
+) -> T:
+    """`launch()`'s server once it is ready (within `timeout_s`, its output in `log`). When
+    it ended because a port found free was taken before it bound it, it is launched
+    again on other ports, up to PORT_ATTEMPTS times in all."""
+    attempt = 0
+    while True:
+        attempt += 1
+        launched = launch()
         try:
-            wait_until(proxy.ready, what, process, log, start_timeout_s)
+            wait_until(launched.ready, what, launched.process, log, timeout_s)
         except BenchError:
-            if not _try_other_ports(what, attempt, process, log):
+            if attempt == PORT_ATTEMPTS or not _port_taken(launched.process, log):
                 raise
+            print(f"  ({what}: a port was taken before it bound it; trying others)", flush=True)
             continue
-        return proxy
-
-
-def _try_other_ports(what: str, attempt: int, process: subprocess.Popen[bytes], log: Path) -> bool:
-    """A server that did not start: start it again on other ports, if attempts are left
-    and it ended because a port found free was taken before it bound it."""
-    if attempt == PORT_ATTEMPTS or not _port_taken(process, log):
-        return False
-    print(f"  ({what}: a port was taken before it bound it; trying others)", flush=True)
-    return True
+        return launched.value
 
 
 def _port_taken(process: subprocess.Popen[bytes], log: Path) -> bool:
@@ -648,19 +664,14 @@ def start_listening(
     """Start `argv(port)` on `core` (None: not pinned), on a port found free, and wait
     until it listens there; its port and process. A port taken before it was bound:
     other ports (`PORT_ATTEMPTS`)."""
-    attempt = 0
-    while True:
-        attempt += 1
+
+    def launch() -> Launched[tuple[int, subprocess.Popen[bytes]]]:
         port = free_port()
         command = argv(port)
         process = processes.start(name, command if core is None else pinned(core, command), log)
-        try:
-            wait_until(partial(listens_on, process.pid, port), name, process, log)
-        except BenchError:
-            if not _try_other_ports(name, attempt, process, log):
-                raise
-            continue
-        return port, process
+        return Launched((port, process), process, partial(listens_on, process.pid, port))
+
+    return _on_free_ports(name, launch, log)
 
 
 def start_servers(processes: Processes, workdir: Path, hot_ids: list[str]) -> Servers:
